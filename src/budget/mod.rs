@@ -1,0 +1,387 @@
+//! Retry budgets: per task, per user, and a process-wide retry ratio, in a shared store.
+//!
+//! Per-operation bounds (attempts, total time) live in [`RetryPolicy`](crate::RetryPolicy).
+//! The budgets here span calls:
+//!
+//! | scope | default | where it lives |
+//! |---|---|---|
+//! | [`Scope::Task`] | 5 retry events per task id, forgotten 1 h after the task's last retry | the [`BudgetStore`] |
+//! | [`Scope::User`] | 60 retries a minute per user id, bursts of 10 | the [`BudgetStore`] |
+//! | [`Scope::Process`] | retries <= 10% of calls over 10 s, more while retries succeed ([`RetryRatio`]) | this process |
+//!
+//! A request without a task id (or user id) is not charged to that scope.
+//!
+//! The decision order on a failed attempt: local checks first (attempts, deadline, key), then
+//! the process ratio (an atomic), then the task and user draws in **one** store call, all or
+//! nothing. A store denial refunds the process ratio, so nothing is drawn unless the retry
+//! really happens. A draw is spent when granted: a call whose future is dropped while it sleeps
+//! before the retry keeps the retry counted (the caller gave up, but the retry was decided; not
+//! refunding keeps a task that cancels and re-issues calls from escaping its budget).
+
+mod memory;
+mod ratio;
+
+pub use self::memory::MemoryStore;
+pub use self::ratio::{RatioConfig, RetryRatio};
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Which budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Scope {
+    /// One logical call: the policy's attempts and total time.
+    Operation,
+    /// Every call that carries the same task id.
+    Task,
+    /// Every call made for the same user id.
+    User,
+    /// Every call through the layers that share one [`Budgets`] (the process-wide ratio).
+    Process,
+}
+
+impl Scope {
+    /// A short, stable name: `operation`, `task`, `user`, `process`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Scope::Operation => "operation",
+            Scope::Task => "task",
+            Scope::User => "user",
+            Scope::Process => "process",
+        }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A limit on one key of a scope.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Limit {
+    /// At most `max` draws; the count is forgotten `ttl` after the key's last draw.
+    Count {
+        /// Draws allowed.
+        max: u32,
+        /// How long an idle count is kept.
+        ttl: Duration,
+    },
+    /// A token bucket: `tokens` every `per`, holding at most `burst`. An idle key is
+    /// forgotten once its bucket is full again.
+    Rate {
+        /// Tokens added every `per`.
+        tokens: u32,
+        /// The refill period.
+        per: Duration,
+        /// The bucket's size (and the starting balance).
+        burst: u32,
+    },
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            Limit::Count { max, ttl } => write!(f, "at most {max} retries, kept {ttl:?}"),
+            Limit::Rate { tokens, per, burst } => {
+                write!(f, "{tokens} retries per {per:?}, burst {burst}")
+            }
+        }
+    }
+}
+
+/// One draw of one retry from one scope's key.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Draw {
+    /// The scope.
+    pub scope: Scope,
+    /// The key within the scope (a task or user id).
+    pub key: String,
+    /// The limit for the key.
+    pub limit: Limit,
+}
+
+/// A store's answer to a set of draws.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// Every draw was taken.
+    Granted,
+    /// A draw was refused, and none was taken.
+    Denied {
+        /// The first scope that refused.
+        scope: Scope,
+        /// When it may allow a draw again, if known.
+        retry_in: Option<Duration>,
+    },
+}
+
+/// A budget or idempotency store could not answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreError {
+    message: String,
+}
+
+impl StoreError {
+    /// A store error with a message.
+    pub fn new(message: impl Into<String>) -> Self {
+        StoreError {
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "store error: {}", self.message)
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+/// Where task and user budgets live: [`MemoryStore`] in one process, `RedisStore` (feature
+/// `redis`) across processes.
+///
+/// Called only after a failed attempt that the local checks would retry.
+pub trait BudgetStore: Clone + Send + Sync + 'static {
+    /// Takes every draw or none: if any draw's key is at its limit, nothing is taken and the
+    /// first refusing scope is returned. One call is one round trip for a remote store.
+    fn draw(&self, draws: &[Draw]) -> impl Future<Output = Result<Grant, StoreError>> + Send;
+}
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// The object-safe face of a [`BudgetStore`]: the layer is not generic over its store, and a
+/// boxed future is paid only after a failure.
+trait DynStore: Send + Sync + 'static {
+    fn draw(&self, draws: Vec<Draw>) -> BoxFuture<Result<Grant, StoreError>>;
+}
+
+impl<S: BudgetStore> DynStore for S {
+    fn draw(&self, draws: Vec<Draw>) -> BoxFuture<Result<Grant, StoreError>> {
+        let store = self.clone();
+        Box::pin(async move { store.draw(&draws).await })
+    }
+}
+
+/// What to do when the store cannot be reached in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnStoreError {
+    /// Do not retry (the default): a budget that cannot be checked is not spent.
+    #[default]
+    FailClosed,
+    /// Retry as if the store had granted the draw.
+    FailOpen,
+}
+
+/// The retry budgets a layer draws from. Clone it to share budgets between layers: clones
+/// share the process ratio and the store.
+#[derive(Clone)]
+pub struct Budgets {
+    per_task: Option<Limit>,
+    per_user: Option<Limit>,
+    ratio: Option<Arc<RetryRatio>>,
+    store: Arc<dyn DynStore>,
+    on_store_error: OnStoreError,
+    store_timeout: Duration,
+}
+
+impl fmt::Debug for Budgets {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Budgets")
+            .field("per_task", &self.per_task)
+            .field("per_user", &self.per_user)
+            .field("ratio", &self.ratio)
+            .field("on_store_error", &self.on_store_error)
+            .field("store_timeout", &self.store_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The default per-task limit: 5 retry events per task, kept 1 h after the last.
+pub const DEFAULT_PER_TASK: Limit = Limit::Count {
+    max: 5,
+    ttl: Duration::from_secs(3600),
+};
+
+/// The default per-user limit: 60 retries a minute, bursts of 10.
+pub const DEFAULT_PER_USER: Limit = Limit::Rate {
+    tokens: 60,
+    per: Duration::from_secs(60),
+    burst: 10,
+};
+
+impl Default for Budgets {
+    /// Per task 5, per user 60/min (burst 10), the adaptive process ratio, in a new
+    /// [`MemoryStore`]; fail closed; 250 ms store timeout.
+    fn default() -> Self {
+        Budgets {
+            per_task: Some(DEFAULT_PER_TASK),
+            per_user: Some(DEFAULT_PER_USER),
+            ratio: Some(Arc::new(RetryRatio::new(RatioConfig::default()))),
+            store: Arc::new(MemoryStore::new()),
+            on_store_error: OnStoreError::default(),
+            store_timeout: Duration::from_millis(250),
+        }
+    }
+}
+
+impl Budgets {
+    /// No budgets but the policy's own bounds.
+    pub fn none() -> Self {
+        Budgets {
+            per_task: None,
+            per_user: None,
+            ratio: None,
+            ..Budgets::default()
+        }
+    }
+
+    /// The per-task limit (`None` turns the scope off).
+    pub fn per_task(mut self, limit: Option<Limit>) -> Self {
+        self.per_task = limit;
+        self
+    }
+
+    /// The per-user limit (`None` turns the scope off).
+    pub fn per_user(mut self, limit: Option<Limit>) -> Self {
+        self.per_user = limit;
+        self
+    }
+
+    /// The process ratio (`None` turns it off).
+    pub fn ratio(mut self, config: Option<RatioConfig>) -> Self {
+        self.ratio = config.map(|c| Arc::new(RetryRatio::new(c)));
+        self
+    }
+
+    /// Where task and user budgets live.
+    pub fn store<S: BudgetStore>(mut self, store: S) -> Self {
+        self.store = Arc::new(store);
+        self
+    }
+
+    /// What to do when the store fails or times out (default: fail closed).
+    pub fn on_store_error(mut self, behaviour: OnStoreError) -> Self {
+        self.on_store_error = behaviour;
+        self
+    }
+
+    /// How long one store call may take (default 250 ms).
+    pub fn store_timeout(mut self, timeout: Duration) -> Self {
+        self.store_timeout = timeout;
+        self
+    }
+
+    /// The process ratio, if on.
+    pub fn retry_ratio(&self) -> Option<&RetryRatio> {
+        self.ratio.as_deref()
+    }
+
+    /// A logical call started. On the success path: one atomic.
+    #[inline]
+    pub(crate) fn on_call(&self) {
+        if let Some(r) = &self.ratio {
+            r.deposit();
+        }
+    }
+
+    /// A retried attempt ended: feeds the adaptive ratio.
+    pub(crate) fn on_retry_result(&self, succeeded: bool) {
+        if let Some(r) = &self.ratio {
+            r.record_retry_result(succeeded);
+        }
+    }
+
+    /// Asks every budget for one retry. `Ready` when no store call is needed.
+    pub(crate) fn acquire(&self, task: Option<String>, user: Option<String>) -> Acquire {
+        if let Some(r) = &self.ratio {
+            if !r.try_withdraw() {
+                return Acquire::Ready(Verdict::Denied {
+                    scope: Scope::Process,
+                    key: None,
+                    limit: r.describe(),
+                });
+            }
+        }
+        let mut draws = Vec::new();
+        if let (Some(limit), Some(key)) = (self.per_task, task) {
+            draws.push(Draw {
+                scope: Scope::Task,
+                key,
+                limit,
+            });
+        }
+        if let (Some(limit), Some(key)) = (self.per_user, user) {
+            draws.push(Draw {
+                scope: Scope::User,
+                key,
+                limit,
+            });
+        }
+        if draws.is_empty() {
+            return Acquire::Ready(Verdict::Granted);
+        }
+        let store = self.store.clone();
+        let ratio = self.ratio.clone();
+        let timeout = self.store_timeout;
+        let on_error = self.on_store_error;
+        Acquire::Pending(Box::pin(async move {
+            let keys: Vec<(Scope, String, Limit)> = draws
+                .iter()
+                .map(|d| (d.scope, d.key.clone(), d.limit))
+                .collect();
+            let answer = tokio::time::timeout(timeout, store.draw(draws)).await;
+            let refund = || {
+                if let Some(r) = &ratio {
+                    r.refund();
+                }
+            };
+            match answer {
+                Ok(Ok(Grant::Granted)) => Verdict::Granted,
+                Ok(Ok(Grant::Denied { scope, .. })) => {
+                    refund();
+                    let (key, limit) = keys
+                        .into_iter()
+                        .find(|(s, _, _)| *s == scope)
+                        .map(|(_, k, l)| (Some(k), l.to_string()))
+                        .unwrap_or((None, String::new()));
+                    Verdict::Denied { scope, key, limit }
+                }
+                Ok(Err(e)) => store_failure(on_error, e.to_string(), refund),
+                Err(_) => store_failure(on_error, format!("no answer within {timeout:?}"), refund),
+            }
+        }))
+    }
+}
+
+fn store_failure(on_error: OnStoreError, error: String, refund: impl FnOnce()) -> Verdict {
+    match on_error {
+        OnStoreError::FailOpen => Verdict::Granted,
+        OnStoreError::FailClosed => {
+            refund();
+            Verdict::StoreUnavailable(error)
+        }
+    }
+}
+
+/// The budgets' answer to one retry.
+#[derive(Debug)]
+pub(crate) enum Verdict {
+    Granted,
+    Denied {
+        scope: Scope,
+        key: Option<String>,
+        limit: String,
+    },
+    StoreUnavailable(String),
+}
+
+pub(crate) enum Acquire {
+    Ready(Verdict),
+    Pending(BoxFuture<Verdict>),
+}

@@ -1,0 +1,153 @@
+//! The HTTP classifier preset for LLM provider APIs.
+
+use std::time::{Duration, SystemTime};
+
+use http::{HeaderMap, Response, StatusCode};
+
+use super::{AsError, Classify, ErrorKind, Outcome};
+use crate::RetryInfo;
+
+/// The classifier preset for LLM provider APIs over HTTP (OpenAI, Anthropic and compatible).
+///
+/// | status | outcome |
+/// |---|---|
+/// | 1xx, 2xx, 3xx | success |
+/// | 408 | retry, [`ErrorKind::Timeout`] |
+/// | 409 | retry, [`ErrorKind::Conflict`] |
+/// | 429 | retry, [`ErrorKind::RateLimited`] |
+/// | 503, 529 | retry, [`ErrorKind::Overloaded`] |
+/// | 504 | retry, [`ErrorKind::Timeout`] |
+/// | other 5xx | retry, [`ErrorKind::ServerError`] |
+/// | other 4xx (400, 401, 403, 404, 422, ...) | fail, [`ErrorKind::ClientError`] |
+///
+/// On a failed status, the provider's `x-should-retry: true|false` header overrides the
+/// table (as in the OpenAI and Anthropic SDKs). The server's wait hint is read in the SDKs'
+/// order: `retry-after-ms` (milliseconds), then `Retry-After` as delta-seconds or as an
+/// HTTP-date. A hint that does not parse (negative, not a number, a date in the past,
+/// absurdly large) is ignored: the layer falls back to its backoff.
+///
+/// Transport errors (`Err`) are classified by [`Errors`]. A response that an inner retry
+/// layer of this crate already returned (it carries a [`RetryInfo`]) with a failing status is
+/// not retried again ([`ErrorKind::GaveUp`]): retrying at several layers multiplies attempts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LlmHttp;
+
+impl LlmHttp {
+    /// Classifies a status code and headers (the body is not read).
+    pub fn classify_parts(status: StatusCode, headers: &HeaderMap) -> Outcome {
+        if !(status.is_client_error() || status.is_server_error()) {
+            return Outcome::Success;
+        }
+        let kind = kind_of(status);
+        let retry = match headers.get("x-should-retry").map(|v| v.as_bytes()) {
+            Some(b"true") => true,
+            Some(b"false") => false,
+            _ => is_retryable(status),
+        };
+        if retry {
+            Outcome::Retry {
+                kind,
+                after: retry_hint(headers),
+            }
+        } else {
+            Outcome::Fail { kind }
+        }
+    }
+}
+
+fn is_retryable(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 408 | 409 | 429) || status.is_server_error()
+}
+
+fn kind_of(status: StatusCode) -> ErrorKind {
+    match status.as_u16() {
+        408 | 504 => ErrorKind::Timeout,
+        409 => ErrorKind::Conflict,
+        429 => ErrorKind::RateLimited,
+        503 | 529 => ErrorKind::Overloaded,
+        500..=599 => ErrorKind::ServerError,
+        _ => ErrorKind::ClientError,
+    }
+}
+
+/// The server's wait hint from `retry-after-ms`, else `Retry-After`; `None` when absent or
+/// unusable.
+pub(crate) fn retry_hint(headers: &HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| parse_retry_after_ms(v.as_bytes()))
+    {
+        return Some(ms);
+    }
+    headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| parse_retry_after(v.as_bytes(), SystemTime::now()))
+}
+
+/// Parses a `retry-after-ms` value: a non-negative number of milliseconds (a decimal
+/// fraction is accepted, as the SDKs do). `None` for anything else; never panics.
+pub fn parse_retry_after_ms(value: &[u8]) -> Option<Duration> {
+    parse_non_negative(value, 1e-3)
+}
+
+/// Parses a `Retry-After` value (RFC 9110 §10.2.3): delta-seconds, or an HTTP-date taken
+/// relative to `now`. `None` for a negative, malformed or past value; never panics.
+pub fn parse_retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
+    if let Some(d) = parse_non_negative(value, 1.0) {
+        return Some(d);
+    }
+    let text = std::str::from_utf8(value).ok()?.trim();
+    let date = httpdate::parse_http_date(text).ok()?;
+    // A date in the past is not a hint.
+    let wait = date.duration_since(now).ok()?;
+    (!wait.is_zero()).then_some(wait)
+}
+
+/// A non-negative decimal number times `unit` seconds. Rejects signs, exponents, NaN,
+/// infinities and values too large for a `Duration`.
+fn parse_non_negative(value: &[u8], unit: f64) -> Option<Duration> {
+    let text = std::str::from_utf8(value).ok()?.trim();
+    if text.is_empty() || text.len() > 32 {
+        return None;
+    }
+    let mut dots = 0;
+    for b in text.bytes() {
+        match b {
+            b'0'..=b'9' => {}
+            b'.' => dots += 1,
+            _ => return None,
+        }
+    }
+    if dots > 1 || text.starts_with('.') || text.ends_with('.') {
+        return None;
+    }
+    let number: f64 = text.parse().ok()?;
+    let secs = number * unit;
+    Duration::try_from_secs_f64(secs).ok()
+}
+
+impl<B, E: AsError> Classify<Response<B>, E> for LlmHttp {
+    fn classify(&self, result: &Result<Response<B>, E>) -> Outcome {
+        match result {
+            Ok(res) => {
+                let outcome = LlmHttp::classify_parts(res.status(), res.headers());
+                if !matches!(outcome, Outcome::Success)
+                    && res.extensions().get::<RetryInfo>().is_some()
+                {
+                    return Outcome::Fail {
+                        kind: ErrorKind::GaveUp,
+                    };
+                }
+                outcome
+            }
+            Err(e) if e.gave_up() => Outcome::Fail {
+                kind: ErrorKind::GaveUp,
+            },
+            Err(e) => super::classify_error(e.as_error()),
+        }
+    }
+
+    fn attach(&self, response: &mut Response<B>, info: &RetryInfo) {
+        response.extensions_mut().insert(info.clone());
+    }
+}

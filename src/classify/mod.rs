@@ -1,0 +1,203 @@
+//! Deciding, after each attempt, whether the call succeeded, may be retried, or failed.
+//!
+//! A [`Classify`] is called once per attempt with the attempt's result and answers an
+//! [`Outcome`]. It never decides *whether the retry happens* — attempts, deadline, side
+//! effects and budgets are the layer's business — only what the result means.
+//!
+//! Built in:
+//! - [`LlmHttp`]: the preset for LLM provider APIs over HTTP (status codes,
+//!   `x-should-retry`, `retry-after-ms`, `Retry-After`), with [`Errors`] for transport errors;
+//! - [`Errors`]: timeouts and connection failures are retryable, anything else fails;
+//! - any closure `Fn(&Result<Res, E>) -> Outcome`;
+//! - [`Classify::or_else`] to let a second classifier decide what the first calls a success
+//!   (for example a body validator after the HTTP preset).
+
+mod error;
+mod http;
+
+pub use self::error::{AsError, Errors, classify_error};
+pub use self::http::{LlmHttp, parse_retry_after, parse_retry_after_ms};
+
+use std::fmt;
+use std::time::Duration;
+
+/// What an attempt's result means, as decided by a [`Classify`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The call succeeded: return the result.
+    Success,
+    /// The call failed in a way that another attempt may fix.
+    Retry {
+        /// Why it failed.
+        kind: ErrorKind,
+        /// The server's wait hint (`Retry-After`, `retry-after-ms`), if it sent a valid one.
+        /// The layer waits at least this long, and gives up at once when the hint is longer
+        /// than [`RetryPolicy`](crate::RetryPolicy)'s maximum or the deadline.
+        after: Option<Duration>,
+    },
+    /// The call failed in a way another attempt will not fix: return the result.
+    Fail {
+        /// Why it failed.
+        kind: ErrorKind,
+    },
+}
+
+impl Outcome {
+    /// A retryable outcome without a server hint.
+    pub const fn retry(kind: ErrorKind) -> Self {
+        Outcome::Retry { kind, after: None }
+    }
+
+    /// The error kind, if the outcome is not a success.
+    pub const fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            Outcome::Success => None,
+            Outcome::Retry { kind, .. } | Outcome::Fail { kind } => Some(*kind),
+        }
+    }
+}
+
+/// The cause of a failed attempt: the label of stats, tracing events and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// 429: the provider's rate limit.
+    RateLimited,
+    /// The account is out of quota or over its spend limit (a 429 that waiting won't fix).
+    QuotaExhausted,
+    /// 529 or 503: the provider is overloaded or unavailable.
+    Overloaded,
+    /// 500, 502 and other 5xx.
+    ServerError,
+    /// 408, 504, or a timeout error (tower's `Elapsed`, `io::ErrorKind::TimedOut`).
+    Timeout,
+    /// 409: a conflicting concurrent request (a lock, or a duplicate still in flight).
+    Conflict,
+    /// The connection could not be made or was lost (refused, reset, aborted).
+    Connect,
+    /// The response arrived but the model's output is unusable (did not validate).
+    /// Retried only with a change to the request ([`RetryLayer::on_retry`](crate::RetryLayer::on_retry)).
+    OutputInvalid,
+    /// 4xx other than the above: the request is wrong, retrying cannot fix it.
+    ClientError,
+    /// An inner retry layer already gave up on this result: not retried again.
+    GaveUp,
+    /// Anything else.
+    Other,
+}
+
+impl ErrorKind {
+    /// Every kind, in display order.
+    pub const ALL: [ErrorKind; 11] = [
+        ErrorKind::RateLimited,
+        ErrorKind::QuotaExhausted,
+        ErrorKind::Overloaded,
+        ErrorKind::ServerError,
+        ErrorKind::Timeout,
+        ErrorKind::Conflict,
+        ErrorKind::Connect,
+        ErrorKind::OutputInvalid,
+        ErrorKind::ClientError,
+        ErrorKind::GaveUp,
+        ErrorKind::Other,
+    ];
+
+    /// A short, stable, snake_case name (used in tracing fields and metric labels).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::QuotaExhausted => "quota_exhausted",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::ServerError => "server_error",
+            ErrorKind::Timeout => "timeout",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Connect => "connect",
+            ErrorKind::OutputInvalid => "output_invalid",
+            ErrorKind::ClientError => "client_error",
+            ErrorKind::GaveUp => "gave_up",
+            ErrorKind::Other => "other",
+        }
+    }
+
+    /// Index into [`ErrorKind::ALL`].
+    pub(crate) const fn index(self) -> usize {
+        match self {
+            ErrorKind::RateLimited => 0,
+            ErrorKind::QuotaExhausted => 1,
+            ErrorKind::Overloaded => 2,
+            ErrorKind::ServerError => 3,
+            ErrorKind::Timeout => 4,
+            ErrorKind::Conflict => 5,
+            ErrorKind::Connect => 6,
+            ErrorKind::OutputInvalid => 7,
+            ErrorKind::ClientError => 8,
+            ErrorKind::GaveUp => 9,
+            ErrorKind::Other => 10,
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Decides what an attempt's result means.
+///
+/// Called by the layer once after every attempt, with the attempt's result, before anything
+/// else is decided. It must be cheap and must not block: it runs on the success path.
+pub trait Classify<Res, E> {
+    /// Classifies one attempt's result.
+    fn classify(&self, result: &Result<Res, E>) -> Outcome;
+
+    /// Called once on the response the layer returns, to attach the call's
+    /// [`RetryInfo`](crate::RetryInfo) (the HTTP preset puts it in the response's extensions).
+    /// The default does nothing.
+    fn attach(&self, response: &mut Res, info: &crate::RetryInfo) {
+        let _ = (response, info);
+    }
+
+    /// Use `next` to classify what `self` calls a success (for example: the HTTP preset
+    /// first, then a validator of the model's output).
+    fn or_else<N>(self, next: N) -> OrElse<Self, N>
+    where
+        Self: Sized,
+        N: Classify<Res, E>,
+    {
+        OrElse { first: self, next }
+    }
+}
+
+impl<Res, E, F> Classify<Res, E> for F
+where
+    F: Fn(&Result<Res, E>) -> Outcome,
+{
+    fn classify(&self, result: &Result<Res, E>) -> Outcome {
+        self(result)
+    }
+}
+
+/// Two classifiers in a row: see [`Classify::or_else`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OrElse<A, B> {
+    first: A,
+    next: B,
+}
+
+impl<Res, E, A, B> Classify<Res, E> for OrElse<A, B>
+where
+    A: Classify<Res, E>,
+    B: Classify<Res, E>,
+{
+    fn classify(&self, result: &Result<Res, E>) -> Outcome {
+        match self.first.classify(result) {
+            Outcome::Success => self.next.classify(result),
+            other => other,
+        }
+    }
+
+    fn attach(&self, response: &mut Res, info: &crate::RetryInfo) {
+        self.first.attach(response, info);
+    }
+}

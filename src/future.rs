@@ -1,0 +1,606 @@
+//! [`ResponseFuture`]: one logical call, as a state machine
+//! (calling → deciding → acquiring → sleeping → ready → calling ...).
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+use tower::Service;
+
+use crate::backoff::CallBackoff;
+use crate::budget::{Acquire, Verdict};
+use crate::classify::{Classify, ErrorKind, Outcome};
+use crate::error::{RetryError, StopReason};
+use crate::layer::{ChangeRequest, RetryContext, Shared};
+use crate::observe::{CallOutcome, RetryInfo};
+use crate::request::{IdempotencyKey, Operation, RetryRequest, SideEffect};
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// The state of one logical call that is not tied to an attempt.
+pub(crate) struct CallState<Req> {
+    /// The copy the next attempt sends (stamped with the key; changed by the hook).
+    next: Option<Req>,
+    attempts: u32,
+    started: Instant,
+    total_delay: Duration,
+    key: Option<IdempotencyKey>,
+    side_effect: SideEffect,
+    last_kind: Option<ErrorKind>,
+    backoff: Option<CallBackoff>,
+    /// The attempt in flight is a retry (feeds the adaptive ratio).
+    in_retry: bool,
+    operation: Option<Operation>,
+}
+
+/// Prepares a request for its first attempt: side effect, key, attempt header, the copy.
+pub(crate) struct Prepared;
+
+impl Prepared {
+    pub(crate) fn new<Req: RetryRequest, C, H>(
+        shared: &Shared<C, H>,
+        mut request: Req,
+    ) -> Result<(Req, CallState<Req>), (StopReason, RetryInfo)> {
+        let layer = &shared.layer;
+        let side_effect = side_effect_of(shared, &request);
+        let names = &layer.names;
+        let mut key = None;
+        if side_effect == SideEffect::SideEffecting {
+            match request.idempotency_key(names) {
+                Ok(Some(existing)) => {
+                    request.set_idempotency_key(&existing, names);
+                    key = Some(existing);
+                }
+                Ok(None) if layer.mint_keys => {
+                    let minted = IdempotencyKey::generate();
+                    request.set_idempotency_key(&minted, names);
+                    key = Some(minted);
+                }
+                Ok(None) => {}
+                Err(invalid) => {
+                    let operation = operation_of(shared, &request);
+                    tracing::warn!(
+                        target: "tower_retry_guard",
+                        operation = %operation,
+                        error = %invalid,
+                        "request refused before sending: invalid idempotency key"
+                    );
+                    let mut info = RetryInfo::empty();
+                    info.operation = Some(operation);
+                    let reason = StopReason::InvalidKey(invalid);
+                    info.outcome = CallOutcome::Stopped(reason.clone());
+                    return Err((reason, info));
+                }
+            }
+        }
+        request.set_attempt(0, names);
+        let next = if layer.policy.max_retries() == 0 {
+            None
+        } else {
+            let copy = request.try_clone();
+            if copy.is_none() {
+                warn_unclonable(shared, &request);
+            }
+            copy
+        };
+        layer.budgets.on_call();
+        let call = CallState {
+            next,
+            attempts: 1,
+            started: Instant::now(),
+            total_delay: Duration::ZERO,
+            key,
+            side_effect,
+            last_kind: None,
+            backoff: None,
+            in_retry: false,
+            operation: None,
+        };
+        Ok((request, call))
+    }
+}
+
+fn side_effect_of<Req: RetryRequest, C, H>(shared: &Shared<C, H>, request: &Req) -> SideEffect {
+    let view = request.view();
+    if let Some(s) = view.extensions.and_then(|e| e.get::<SideEffect>()) {
+        return *s;
+    }
+    if let Some(f) = &shared.layer.side_effect_fn {
+        if let Some(s) = f(&view) {
+            return s;
+        }
+    }
+    request.side_effect()
+}
+
+pub(crate) fn operation_of<Req: RetryRequest, C, H>(
+    shared: &Shared<C, H>,
+    request: &Req,
+) -> Operation {
+    let view = request.view();
+    if let Some(op) = view.extensions.and_then(|e| e.get::<Operation>()) {
+        return op.clone();
+    }
+    if let Some(f) = &shared.layer.operation_fn {
+        if let Some(op) = f(&view) {
+            return op;
+        }
+    }
+    if let Some(op) = request.operation() {
+        return op;
+    }
+    match (view.method, view.uri) {
+        (Some(m), Some(u)) => Operation(Cow::Owned(format!("{m} {}", u.path()))),
+        _ => Operation::from_static("call"),
+    }
+}
+
+fn warn_unclonable<Req: RetryRequest, C, H>(shared: &Shared<C, H>, request: &Req) {
+    let operation = operation_of(shared, request);
+    // Warn once per service, then at debug: a streaming endpoint would flood the logs.
+    if !shared.warned_unclonable.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            target: "tower_retry_guard",
+            operation = %operation,
+            "retries are off for this request: it cannot be cloned (a streaming body?); \
+             buffer the body to make it replayable (further occurrences are logged at debug)"
+        );
+    } else {
+        tracing::debug!(
+            target: "tower_retry_guard",
+            operation = %operation,
+            "retries are off for this request: it cannot be cloned"
+        );
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Calling { #[pin] future: F },
+        Acquiring { verdict: BoxFuture<Verdict>, delay: Duration },
+        Sleeping { #[pin] sleep: Sleep },
+        Ready,
+        Refused,
+        Done,
+    }
+}
+
+pin_project! {
+    /// The future of [`Retry`](crate::Retry): one logical call, all its attempts.
+    ///
+    /// An unboxed state machine. The success path allocates nothing of its own; a failure
+    /// may box the budget store's answer.
+    pub struct ResponseFuture<S, Req, C, H>
+    where
+        S: Service<Req>,
+    {
+        #[pin]
+        state: State<S::Future>,
+        service: S,
+        shared: Arc<Shared<C, H>>,
+        call: Option<CallState<Req>>,
+        pending: Option<Result<S::Response, S::Error>>,
+        refused: Option<(StopReason, RetryInfo)>,
+    }
+}
+
+impl<S, Req, C, H> ResponseFuture<S, Req, C, H>
+where
+    S: Service<Req>,
+{
+    pub(crate) fn calling(
+        future: S::Future,
+        service: S,
+        shared: Arc<Shared<C, H>>,
+        call: CallState<Req>,
+    ) -> Self {
+        ResponseFuture {
+            state: State::Calling { future },
+            service,
+            shared,
+            call: Some(call),
+            pending: None,
+            refused: None,
+        }
+    }
+
+    pub(crate) fn refused(
+        service: S,
+        shared: Arc<Shared<C, H>>,
+        refused: (StopReason, RetryInfo),
+    ) -> Self {
+        ResponseFuture {
+            state: State::Refused,
+            service,
+            shared,
+            call: None,
+            pending: None,
+            refused: Some(refused),
+        }
+    }
+}
+
+/// What to do after a failed attempt.
+enum Next {
+    Stop(ErrorKind, StopReason),
+    Wait(Duration),
+    Acquire(BoxFuture<Verdict>, Duration),
+}
+
+impl<S, Req, C, H> Future for ResponseFuture<S, Req, C, H>
+where
+    S: Service<Req>,
+    Req: RetryRequest,
+    C: Classify<S::Response, S::Error>,
+    H: ChangeRequest<Req, S::Response, S::Error>,
+{
+    type Output = Result<S::Response, RetryError<S::Error>>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        // Bounded: each turn either returns or moves the state forward; a call makes at most
+        // `MAX_RETRIES_LIMIT + 1` attempts.
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Calling { future } => {
+                    let result = ready!(future.poll(cx));
+                    let Some(call) = this.call.as_mut() else {
+                        unreachable!("a calling future has its call state")
+                    };
+                    let shared = &**this.shared;
+                    match shared.layer.classify.classify(&result) {
+                        Outcome::Success => {
+                            if call.in_retry {
+                                shared.layer.budgets.on_retry_result(true);
+                            }
+                            this.state.set(State::Done);
+                            return Poll::Ready(succeed(shared, call, result));
+                        }
+                        Outcome::Fail { kind } => {
+                            if call.in_retry {
+                                shared.layer.budgets.on_retry_result(false);
+                            }
+                            let reason = if kind == ErrorKind::GaveUp {
+                                StopReason::InnerGaveUp
+                            } else {
+                                StopReason::NotRetryable
+                            };
+                            this.state.set(State::Done);
+                            return Poll::Ready(stop(shared, call, result, kind, reason));
+                        }
+                        Outcome::Retry { kind, after } => {
+                            if call.in_retry {
+                                shared.layer.budgets.on_retry_result(false);
+                            }
+                            call.last_kind = Some(kind);
+                            match decide(shared, call, &result, kind, after) {
+                                Next::Stop(kind, reason) => {
+                                    this.state.set(State::Done);
+                                    return Poll::Ready(stop(shared, call, result, kind, reason));
+                                }
+                                Next::Wait(delay) => {
+                                    drop(result);
+                                    start_wait(shared, call, delay, this.state.as_mut());
+                                }
+                                Next::Acquire(verdict, delay) => {
+                                    *this.pending = Some(result);
+                                    this.state.set(State::Acquiring { verdict, delay });
+                                }
+                            }
+                        }
+                    }
+                }
+                StateProj::Acquiring { verdict, delay } => {
+                    let verdict = ready!(verdict.as_mut().poll(cx));
+                    let delay = *delay;
+                    let Some(call) = this.call.as_mut() else {
+                        unreachable!("an acquiring future has its call state")
+                    };
+                    let shared = &**this.shared;
+                    let result = this.pending.take();
+                    let kind = call.last_kind.unwrap_or(ErrorKind::Other);
+                    let reason = match verdict {
+                        Verdict::Granted => None,
+                        Verdict::Denied { scope, key, limit } => {
+                            Some(StopReason::Budget { scope, key, limit })
+                        }
+                        Verdict::StoreUnavailable(error) => {
+                            Some(StopReason::StoreUnavailable { error })
+                        }
+                    };
+                    match (reason, result) {
+                        (None, result) => {
+                            drop(result);
+                            start_wait(shared, call, delay, this.state.as_mut());
+                        }
+                        (Some(reason), Some(result)) => {
+                            this.state.set(State::Done);
+                            return Poll::Ready(stop(shared, call, result, kind, reason));
+                        }
+                        (Some(_), None) => unreachable!("a denied retry has its failed result"),
+                    }
+                }
+                StateProj::Sleeping { sleep } => {
+                    ready!(sleep.poll(cx));
+                    this.state.set(State::Ready);
+                }
+                StateProj::Ready => {
+                    if let Err(e) = ready!(this.service.poll_ready(cx)) {
+                        let Some(call) = this.call.as_mut() else {
+                            unreachable!("a ready future has its call state")
+                        };
+                        let info = info_of(call, CallOutcome::Stopped(StopReason::NotRetryable));
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(RetryError::new(
+                            StopReason::NotRetryable,
+                            info,
+                            Some(e),
+                        )));
+                    }
+                    let Some(call) = this.call.as_mut() else {
+                        unreachable!("a ready future has its call state")
+                    };
+                    let Some(mut request) = call.next.take() else {
+                        unreachable!("a retry is decided only with a copy of the request")
+                    };
+                    let names = &this.shared.layer.names;
+                    request.set_attempt(call.attempts, names);
+                    // Keep a copy for the attempt after this one, if one is allowed.
+                    if call.attempts <= this.shared.layer.policy.max_retries() {
+                        call.next = request.try_clone();
+                    }
+                    call.attempts += 1;
+                    call.in_retry = true;
+                    let future = this.service.call(request);
+                    this.state.set(State::Calling { future });
+                }
+                StateProj::Refused => {
+                    let Some((reason, info)) = this.refused.take() else {
+                        unreachable!("a refused future has its reason")
+                    };
+                    this.state.set(State::Done);
+                    return Poll::Ready(Err(RetryError::new(reason, info, None)));
+                }
+                StateProj::Done => panic!("ResponseFuture polled after completion"),
+            }
+        }
+    }
+}
+
+/// The local checks, the change hook, the delay, then the budgets.
+fn decide<Req, Res, E, C, H>(
+    shared: &Shared<C, H>,
+    call: &mut CallState<Req>,
+    result: &Result<Res, E>,
+    kind: ErrorKind,
+    after: Option<Duration>,
+) -> Next
+where
+    Req: RetryRequest,
+    H: ChangeRequest<Req, Res, E>,
+{
+    let layer = &shared.layer;
+    let policy = &layer.policy;
+    let retries = call.attempts - 1;
+    if retries >= policy.max_retries() {
+        return Next::Stop(
+            kind,
+            StopReason::Exhausted {
+                max_retries: policy.max_retries(),
+            },
+        );
+    }
+    let Some(next) = call.next.as_mut() else {
+        return Next::Stop(kind, StopReason::NotCloneable);
+    };
+    if call.operation.is_none() {
+        call.operation = Some(operation_of(shared, next));
+    }
+    if call.side_effect == SideEffect::SideEffecting && call.key.is_none() {
+        let operation = call
+            .operation
+            .as_ref()
+            .map(|o| o.as_str().to_owned())
+            .unwrap_or_default();
+        return Next::Stop(kind, StopReason::SideEffectWithoutKey { operation });
+    }
+    let retry = retries + 1;
+    let changed = layer
+        .change
+        .change(next, result, &RetryContext { retry, kind });
+    if kind == ErrorKind::OutputInvalid && !changed {
+        return Next::Stop(kind, StopReason::OutputUnchanged);
+    }
+    let backoff = call
+        .backoff
+        .get_or_insert_with(|| policy.call_backoff())
+        .next_delay(&policy.backoff(), policy.jitter(), retry);
+    let elapsed = call.started.elapsed();
+    let remaining = policy.max_total_time().saturating_sub(elapsed);
+    let mut delay = backoff;
+    if let Some(hint) = after {
+        if hint > policy.max_retry_after() {
+            return Next::Stop(
+                kind,
+                StopReason::HintTooLong {
+                    hint,
+                    max: policy.max_retry_after(),
+                },
+            );
+        }
+        if hint >= remaining {
+            return Next::Stop(
+                kind,
+                StopReason::HintTooLong {
+                    hint,
+                    max: remaining,
+                },
+            );
+        }
+        delay = delay.max(hint);
+    }
+    if delay >= remaining {
+        return Next::Stop(
+            kind,
+            StopReason::Deadline {
+                max_total_time: policy.max_total_time(),
+            },
+        );
+    }
+    let task = next.task_id(&layer.names);
+    let user = next.user_id(&layer.names);
+    match layer.budgets.acquire(task, user) {
+        Acquire::Ready(Verdict::Granted) => Next::Wait(delay),
+        Acquire::Ready(Verdict::Denied { scope, key, limit }) => {
+            Next::Stop(kind, StopReason::Budget { scope, key, limit })
+        }
+        Acquire::Ready(Verdict::StoreUnavailable(error)) => {
+            Next::Stop(kind, StopReason::StoreUnavailable { error })
+        }
+        Acquire::Pending(verdict) => Next::Acquire(verdict, delay),
+    }
+}
+
+/// The retry is granted: say so, then sleep (or go straight on for a zero delay: tokio's
+/// timer rounds every sleep up to its 1 ms tick).
+fn start_wait<Req, C, H, F>(
+    _shared: &Shared<C, H>,
+    call: &mut CallState<Req>,
+    delay: Duration,
+    mut state: Pin<&mut State<F>>,
+) {
+    call.total_delay += delay;
+    let operation = call
+        .operation
+        .as_ref()
+        .map(|o| o.as_str())
+        .unwrap_or("call");
+    tracing::warn!(
+        target: "tower_retry_guard",
+        operation,
+        attempt = call.attempts + 1,
+        retry = call.attempts,
+        error_kind = call.last_kind.map(|k| k.as_str()).unwrap_or("other"),
+        delay_ms = delay.as_millis() as u64,
+        key = call.key.as_ref().map(|k| k.as_str()),
+        "retrying"
+    );
+    if delay.is_zero() {
+        state.set(State::Ready);
+    } else {
+        state.set(State::Sleeping {
+            sleep: tokio::time::sleep(delay),
+        });
+    }
+}
+
+fn info_of<Req>(call: &CallState<Req>, outcome: CallOutcome) -> RetryInfo {
+    RetryInfo {
+        attempts: call.attempts,
+        retries: call.attempts.saturating_sub(1),
+        total_delay: call.total_delay,
+        elapsed: call.started.elapsed(),
+        key: call.key.clone(),
+        last_error: call.last_kind,
+        outcome,
+        operation: call.operation.clone(),
+    }
+}
+
+fn succeed<Req, Res, E, C, H>(
+    shared: &Shared<C, H>,
+    call: &mut CallState<Req>,
+    result: Result<Res, E>,
+) -> Result<Res, RetryError<E>>
+where
+    C: Classify<Res, E>,
+{
+    let recovered = call.attempts > 1;
+    match result {
+        Ok(mut response) => {
+            if recovered {
+                let operation = call
+                    .operation
+                    .as_ref()
+                    .map(|o| o.as_str())
+                    .unwrap_or("call");
+                tracing::info!(
+                    target: "tower_retry_guard",
+                    operation,
+                    attempts = call.attempts,
+                    outcome = "recovered",
+                    total_delay_ms = call.total_delay.as_millis() as u64,
+                    "succeeded after {} retries",
+                    call.attempts - 1
+                );
+            }
+            if recovered || shared.layer.info_on_success {
+                let outcome = if recovered {
+                    CallOutcome::Recovered
+                } else {
+                    CallOutcome::Succeeded
+                };
+                let info = info_of(call, outcome);
+                shared.layer.classify.attach(&mut response, &info);
+            }
+            Ok(response)
+        }
+        // A classifier that calls an error a success: pass it through, unwrapped in a
+        // RetryError that says so.
+        Err(e) => {
+            let info = info_of(call, CallOutcome::Stopped(StopReason::NotRetryable));
+            Err(RetryError::new(StopReason::NotRetryable, info, Some(e)))
+        }
+    }
+}
+
+fn stop<Req, Res, E, C, H>(
+    shared: &Shared<C, H>,
+    call: &mut CallState<Req>,
+    result: Result<Res, E>,
+    kind: ErrorKind,
+    reason: StopReason,
+) -> Result<Res, RetryError<E>>
+where
+    C: Classify<Res, E>,
+{
+    call.last_kind = Some(kind);
+    let operation = call
+        .operation
+        .as_ref()
+        .map(|o| o.as_str())
+        .unwrap_or("call");
+    if call.attempts > 1 || reason != StopReason::NotRetryable {
+        tracing::warn!(
+            target: "tower_retry_guard",
+            operation,
+            attempts = call.attempts,
+            error_kind = kind.as_str(),
+            outcome = reason.as_str(),
+            total_delay_ms = call.total_delay.as_millis() as u64,
+            "gave up: {reason}"
+        );
+    } else {
+        tracing::debug!(
+            target: "tower_retry_guard",
+            operation,
+            error_kind = kind.as_str(),
+            "not retryable"
+        );
+    }
+    let info = info_of(call, CallOutcome::Stopped(reason.clone()));
+    match result {
+        Ok(mut response) => {
+            shared.layer.classify.attach(&mut response, &info);
+            Ok(response)
+        }
+        Err(e) => Err(RetryError::new(reason, info, Some(e))),
+    }
+}

@@ -1,0 +1,432 @@
+//! What the layer needs to know about a request, and does to it: [`RetryRequest`],
+//! [`SideEffect`], [`IdempotencyKey`].
+
+use std::borrow::Cow;
+use std::fmt;
+
+use bytes::Bytes;
+use http::header::HeaderName;
+use http::{Extensions, HeaderMap, HeaderValue, Method, Request, Uri};
+
+/// Whether running a request twice can do harm.
+///
+/// By default taken from the HTTP method (RFC 9110 §9.2): GET, HEAD, OPTIONS and TRACE are
+/// read-only; PUT and DELETE are idempotent; POST, PATCH, CONNECT and unknown methods are
+/// side-effecting. Override per request by inserting a `SideEffect` into the request's
+/// extensions (an LLM completion POST is [`SideEffect::Idempotent`]: it changes nothing), or
+/// per layer with [`RetryLayer::side_effect_fn`](crate::RetryLayer::side_effect_fn).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SideEffect {
+    /// Changes nothing: retried freely.
+    ReadOnly,
+    /// Changes something, but doing it twice is the same as once: retried freely.
+    Idempotent,
+    /// Doing it twice does it twice (sends the email twice): retried only with an
+    /// idempotency key that the server deduplicates on.
+    SideEffecting,
+}
+
+impl SideEffect {
+    /// The side effect of an HTTP method (RFC 9110 §9.2.1, §9.2.2).
+    pub fn of_method(method: &Method) -> SideEffect {
+        match *method {
+            Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE => SideEffect::ReadOnly,
+            Method::PUT | Method::DELETE => SideEffect::Idempotent,
+            _ => SideEffect::SideEffecting,
+        }
+    }
+
+    /// A short name for logs: `read_only`, `idempotent`, `side_effecting`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            SideEffect::ReadOnly => "read_only",
+            SideEffect::Idempotent => "idempotent",
+            SideEffect::SideEffecting => "side_effecting",
+        }
+    }
+}
+
+/// The longest idempotency key accepted (Stripe's limit).
+pub const MAX_KEY_LEN: usize = 255;
+
+/// An idempotency key: the name of one logical operation, the same on every attempt.
+///
+/// Valid keys are 1 to 255 characters of visible ASCII other than `"` and `\` (so that the
+/// key is its own RFC 8941 structured-field string, as the IETF Idempotency-Key draft
+/// requires, without escapes). Minted keys are random UUIDs (version 4): unpredictable, so a
+/// client cannot guess and replay another's key, and needing no clock or node id. (A v7 UUID
+/// would sort by time, which a store does not need.)
+///
+/// Cloning is cheap (a reference count).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyKey {
+    /// The header form: the key between double quotes.
+    header: HeaderValue,
+}
+
+impl IdempotencyKey {
+    /// Mints a new random key (UUID v4). One allocation.
+    pub fn generate() -> Self {
+        let mut buf = [0u8; 38];
+        buf[0] = b'"';
+        buf[37] = b'"';
+        uuid::Uuid::new_v4()
+            .hyphenated()
+            .encode_lower(&mut buf[1..37]);
+        let header = HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
+            .unwrap_or_else(|_| unreachable!("a quoted UUID is a valid header value"));
+        IdempotencyKey { header }
+    }
+
+    /// Validates a key given as plain text.
+    pub fn new(key: impl AsRef<str>) -> Result<Self, InvalidKey> {
+        let key = key.as_ref();
+        validate(key.as_bytes())?;
+        let mut quoted = Vec::with_capacity(key.len() + 2);
+        quoted.push(b'"');
+        quoted.extend_from_slice(key.as_bytes());
+        quoted.push(b'"');
+        let header = HeaderValue::from_maybe_shared(Bytes::from(quoted))
+            .map_err(|_| InvalidKey::new("not a valid header value"))?;
+        Ok(IdempotencyKey { header })
+    }
+
+    /// Reads a key from a header value: an RFC 8941 string (`"abc"`, the IETF draft's form)
+    /// or, leniently, a bare token (`abc`, as many clients send).
+    pub fn from_header(value: &HeaderValue) -> Result<Self, InvalidKey> {
+        let bytes = value.as_bytes();
+        if bytes.first() == Some(&b'"') {
+            let text = std::str::from_utf8(bytes).map_err(|_| InvalidKey::new("not ASCII"))?;
+            let item = sfv::Parser::new(text)
+                .parse::<sfv::Item>()
+                .map_err(|_| InvalidKey::new("not a structured-field string"))?;
+            match item.bare_item {
+                sfv::BareItem::String(s) => IdempotencyKey::new(s.as_str()),
+                _ => Err(InvalidKey::new("not a structured-field string")),
+            }
+        } else {
+            validate(bytes)?;
+            // Safe to unwrap-free convert: validated as visible ASCII.
+            let text = std::str::from_utf8(bytes).map_err(|_| InvalidKey::new("not ASCII"))?;
+            IdempotencyKey::new(text)
+        }
+    }
+
+    /// The key's text (without quotes).
+    pub fn as_str(&self) -> &str {
+        let bytes = self.header.as_bytes();
+        // Invariant: the header form is `"` + visible ASCII + `"`.
+        std::str::from_utf8(&bytes[1..bytes.len() - 1]).unwrap_or_default()
+    }
+
+    /// The header form (an RFC 8941 string: the key between double quotes).
+    pub fn header_value(&self) -> &HeaderValue {
+        &self.header
+    }
+}
+
+fn validate(bytes: &[u8]) -> Result<(), InvalidKey> {
+    if bytes.is_empty() {
+        return Err(InvalidKey::new("empty"));
+    }
+    if bytes.len() > MAX_KEY_LEN {
+        return Err(InvalidKey::new("longer than 255 characters"));
+    }
+    if let Some(b) = bytes
+        .iter()
+        .find(|b| !(0x21..=0x7e).contains(*b) || **b == b'"' || **b == b'\\')
+    {
+        return Err(InvalidKey {
+            problem: Cow::Owned(format!(
+                "contains {:?}: only visible ASCII other than '\"' and '\\' is allowed",
+                char::from(*b)
+            )),
+        });
+    }
+    Ok(())
+}
+
+impl fmt::Debug for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("IdempotencyKey")
+            .field(&self.as_str())
+            .finish()
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An idempotency key that is not valid: empty, too long, or with forbidden characters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidKey {
+    problem: Cow<'static, str>,
+}
+
+impl InvalidKey {
+    fn new(problem: &'static str) -> Self {
+        InvalidKey {
+            problem: Cow::Borrowed(problem),
+        }
+    }
+}
+
+impl fmt::Display for InvalidKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "invalid idempotency key: {}", self.problem)
+    }
+}
+
+impl std::error::Error for InvalidKey {}
+
+/// The name of an operation, for stats, tracing and budgets. Put one in a request's
+/// extensions to name it; otherwise the layer uses its naming closure, or the method and path.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Operation(pub Cow<'static, str>);
+
+impl Operation {
+    /// An operation name known at compile time (no allocation).
+    pub const fn from_static(name: &'static str) -> Self {
+        Operation(Cow::Borrowed(name))
+    }
+
+    /// The name.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Operation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The task a request belongs to (for the per-task budget). An extension, or the
+/// `x-task-id` header by default.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TaskId(pub String);
+
+/// The user a request is made for (for the per-user budget). An extension, or the
+/// `x-user-id` header by default.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct UserId(pub String);
+
+/// The header names the layer reads and writes; see
+/// [`RetryLayer::header_names`](crate::RetryLayer::header_names).
+#[derive(Debug, Clone)]
+pub struct HeaderNames {
+    /// Where the idempotency key goes (default `Idempotency-Key`).
+    pub idempotency_key: HeaderName,
+    /// Where the attempt number goes, 0 on the first attempt (default `x-retry-count`, as
+    /// the OpenAI/Anthropic SDKs' `x-stainless-retry-count`); `None` sends none.
+    pub attempt: Option<HeaderName>,
+    /// Where the task id is read from (default `x-task-id`).
+    pub task_id: HeaderName,
+    /// Where the user id is read from (default `x-user-id`).
+    pub user_id: HeaderName,
+}
+
+impl Default for HeaderNames {
+    fn default() -> Self {
+        HeaderNames {
+            idempotency_key: HeaderName::from_static("idempotency-key"),
+            attempt: Some(HeaderName::from_static("x-retry-count")),
+            task_id: HeaderName::from_static("x-task-id"),
+            user_id: HeaderName::from_static("x-user-id"),
+        }
+    }
+}
+
+/// A borrowed look at a request's HTTP parts, for the layer's per-layer closures
+/// (side effect, operation name). Non-HTTP requests show nothing.
+#[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
+pub struct RequestView<'a> {
+    /// The method.
+    pub method: Option<&'a Method>,
+    /// The URI.
+    pub uri: Option<&'a Uri>,
+    /// The headers.
+    pub headers: Option<&'a HeaderMap>,
+    /// The extensions.
+    pub extensions: Option<&'a Extensions>,
+}
+
+impl<'a> RequestView<'a> {
+    /// A view of HTTP parts.
+    pub fn http(
+        method: &'a Method,
+        uri: &'a Uri,
+        headers: &'a HeaderMap,
+        extensions: Option<&'a Extensions>,
+    ) -> Self {
+        RequestView {
+            method: Some(method),
+            uri: Some(uri),
+            headers: Some(headers),
+            extensions,
+        }
+    }
+}
+
+/// What the retry layer needs from a request type.
+///
+/// Implemented for `http::Request<B>` whose body can be cloned ([`CloneBody`]), for
+/// `reqwest::Request` (feature `reqwest`), and by users for their own types (a tool call that
+/// carries its key: see the `tool_call` example).
+///
+/// Every method is called by the layer, never by users.
+pub trait RetryRequest: Sized {
+    /// A copy for the next attempt. Called once per logical call, before the first attempt,
+    /// after the key was stamped, and again before each retry. `None` turns retries off for
+    /// this call: the first result is returned as it is, and a warning says why.
+    fn try_clone(&self) -> Option<Self>;
+
+    /// Whether the request has a side effect. Called once per logical call.
+    fn side_effect(&self) -> SideEffect;
+
+    /// The key the request already carries, if any. Called once per logical call. An
+    /// invalid key is an error before anything is sent.
+    fn idempotency_key(&self, names: &HeaderNames) -> Result<Option<IdempotencyKey>, InvalidKey>;
+
+    /// Stamps the key on the request. Called once per logical call, on side-effecting
+    /// requests that had no key; every retry is a copy of the stamped request.
+    fn set_idempotency_key(&mut self, key: &IdempotencyKey, names: &HeaderNames);
+
+    /// Tells the server which attempt this is (0 for the first). Called before every attempt.
+    fn set_attempt(&mut self, attempt: u32, names: &HeaderNames) {
+        let _ = (attempt, names);
+    }
+
+    /// The HTTP parts, for the layer's closures and the default operation name.
+    fn view(&self) -> RequestView<'_> {
+        RequestView::default()
+    }
+
+    /// The operation's name, when the request knows it (a tool call knows its tool). Called
+    /// only after a failure, when no [`Operation`] extension or naming closure named it.
+    fn operation(&self) -> Option<Operation> {
+        None
+    }
+
+    /// The task id, for the per-task budget. Called only after a failure.
+    fn task_id(&self, names: &HeaderNames) -> Option<String> {
+        id_from_view(self.view(), &names.task_id, |t: &TaskId| t.0.clone())
+    }
+
+    /// The user id, for the per-user budget. Called only after a failure.
+    fn user_id(&self, names: &HeaderNames) -> Option<String> {
+        id_from_view(self.view(), &names.user_id, |u: &UserId| u.0.clone())
+    }
+}
+
+fn id_from_view<T: Send + Sync + 'static>(
+    view: RequestView<'_>,
+    header: &HeaderName,
+    from_ext: impl FnOnce(&T) -> String,
+) -> Option<String> {
+    if let Some(v) = view.extensions.and_then(|e| e.get::<T>()) {
+        return Some(from_ext(v));
+    }
+    let value = view.headers?.get(header)?;
+    let text = value.to_str().ok()?.trim();
+    (!text.is_empty() && text.len() <= MAX_KEY_LEN).then(|| text.to_owned())
+}
+
+const ATTEMPT_VALUES: [&str; 11] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"];
+
+/// The header value for an attempt number, without allocating for small numbers.
+pub(crate) fn attempt_header(attempt: u32) -> HeaderValue {
+    match ATTEMPT_VALUES.get(attempt as usize) {
+        Some(s) => HeaderValue::from_static(s),
+        None => HeaderValue::from(attempt),
+    }
+}
+
+/// A request body that may be copied for a retry.
+///
+/// Implemented for the usual in-memory bodies. A streaming body (`hyper::body::Incoming`)
+/// cannot be replayed; buffer it first (see [`crate::BufferedBody`]).
+pub trait CloneBody: Sized {
+    /// A copy of the body, or `None` if it cannot be replayed.
+    fn try_clone_body(&self) -> Option<Self>;
+}
+
+macro_rules! clone_body {
+    ($($t:ty),* $(,)?) => {$(
+        impl CloneBody for $t {
+            fn try_clone_body(&self) -> Option<Self> {
+                Some(self.clone())
+            }
+        }
+    )*};
+}
+
+clone_body!(
+    (),
+    String,
+    Vec<u8>,
+    &'static str,
+    &'static [u8],
+    Bytes,
+    http_body_util::Full<Bytes>,
+    http_body_util::Empty<Bytes>,
+);
+
+impl<B: CloneBody> RetryRequest for Request<B> {
+    fn try_clone(&self) -> Option<Self> {
+        let body = self.body().try_clone_body()?;
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method().clone();
+        *req.uri_mut() = self.uri().clone();
+        *req.version_mut() = self.version();
+        *req.headers_mut() = self.headers().clone();
+        *req.extensions_mut() = self.extensions().clone();
+        Some(req)
+    }
+
+    fn side_effect(&self) -> SideEffect {
+        match self.extensions().get::<SideEffect>() {
+            Some(s) => *s,
+            None => SideEffect::of_method(self.method()),
+        }
+    }
+
+    fn idempotency_key(&self, names: &HeaderNames) -> Result<Option<IdempotencyKey>, InvalidKey> {
+        if let Some(key) = self.extensions().get::<IdempotencyKey>() {
+            return Ok(Some(key.clone()));
+        }
+        match self.headers().get(&names.idempotency_key) {
+            Some(v) => IdempotencyKey::from_header(v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn set_idempotency_key(&mut self, key: &IdempotencyKey, names: &HeaderNames) {
+        // A key the request sent itself is never replaced, not even by its quoted form.
+        if !self.headers().contains_key(&names.idempotency_key) {
+            self.headers_mut()
+                .insert(names.idempotency_key.clone(), key.header_value().clone());
+        }
+    }
+
+    fn set_attempt(&mut self, attempt: u32, names: &HeaderNames) {
+        if let Some(name) = &names.attempt {
+            self.headers_mut()
+                .insert(name.clone(), attempt_header(attempt));
+        }
+    }
+
+    fn view(&self) -> RequestView<'_> {
+        RequestView::http(
+            self.method(),
+            self.uri(),
+            self.headers(),
+            Some(self.extensions()),
+        )
+    }
+}

@@ -1,0 +1,91 @@
+//! [`Retry`]: the service.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tower::Service;
+
+use crate::classify::Classify;
+use crate::error::{RetryError, StopReason};
+use crate::future::{Prepared, ResponseFuture};
+use crate::layer::{ChangeRequest, Shared};
+use crate::observe::RetryInfo;
+use crate::request::RetryRequest;
+
+/// Retries calls to `S`; built by [`RetryLayer`](crate::RetryLayer).
+///
+/// `S` must be `Clone` (as for tower's retry): the ready service takes the first attempt, a
+/// clone the retries.
+pub struct Retry<S, C, H> {
+    inner: S,
+    shared: Arc<Shared<C, H>>,
+}
+
+impl<S: Clone, C, H> Clone for Retry<S, C, H> {
+    fn clone(&self) -> Self {
+        Retry {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C, H> fmt::Debug for Retry<S, C, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .field("layer", &self.shared.layer)
+            .finish()
+    }
+}
+
+impl<S, C, H> Retry<S, C, H> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared<C, H>>) -> Self {
+        Retry { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, by value.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, Req, C, H> Service<Req> for Retry<S, C, H>
+where
+    S: Service<Req> + Clone,
+    Req: RetryRequest,
+    C: Classify<S::Response, S::Error>,
+    H: ChangeRequest<Req, S::Response, S::Error>,
+{
+    type Response = S::Response;
+    type Error = RetryError<S::Error>;
+    type Future = ResponseFuture<S, Req, C, H>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner
+            .poll_ready(cx)
+            .map_err(|e| RetryError::new(StopReason::NotRetryable, RetryInfo::empty(), Some(e)))
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        // The ready service takes the first attempt; a clone, polled ready again, the retries.
+        match Prepared::new(&self.shared, request) {
+            Ok((request, call)) => {
+                let future = self.inner.call(request);
+                ResponseFuture::calling(future, self.inner.clone(), self.shared.clone(), call)
+            }
+            Err(error) => ResponseFuture::refused(self.inner.clone(), self.shared.clone(), error),
+        }
+    }
+}
