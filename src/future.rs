@@ -18,7 +18,7 @@ use crate::budget::{Acquire, Verdict};
 use crate::classify::{Classify, ErrorKind, Outcome};
 use crate::error::{RetryError, StopReason};
 use crate::layer::{ChangeRequest, RetryContext, Shared};
-use crate::observe::{CallOutcome, RetryInfo};
+use crate::observe::{CallOutcome, OpKey, RetryInfo};
 use crate::request::{IdempotencyKey, Operation, RetryRequest, SideEffect};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -37,6 +37,8 @@ pub(crate) struct CallState<Req> {
     /// The attempt in flight is a retry (feeds the adaptive ratio).
     in_retry: bool,
     operation: Option<Operation>,
+    op_key: OpKey,
+    span: tracing::Span,
 }
 
 /// Prepares a request for its first attempt: side effect, key, attempt header, the copy.
@@ -65,6 +67,12 @@ impl Prepared {
                 Ok(None) => {}
                 Err(invalid) => {
                     let operation = operation_of(shared, &request);
+                    layer.stats.record_stop(
+                        OpKey::of_name(operation.as_str()),
+                        || operation.as_str().to_owned(),
+                        ErrorKind::ClientError,
+                        &StopReason::InvalidKey(invalid.clone()),
+                    );
                     tracing::warn!(
                         target: "tower_retry_guard",
                         operation = %operation,
@@ -90,6 +98,22 @@ impl Prepared {
             copy
         };
         layer.budgets.on_call();
+        let op_key = op_key_of(shared, &request);
+        if !layer.stats.contains(op_key) {
+            let name = operation_of(shared, &request);
+            layer.stats.ensure(op_key, name.as_str());
+        }
+        let span = tracing::info_span!(
+            target: "tower_retry_guard",
+            "retry_call",
+            operation = tracing::field::Empty,
+            method = request.view().method.map(|m| m.as_str()),
+            side_effect = side_effect.as_str(),
+            key = key.as_ref().map(|k| k.as_str()),
+        );
+        if !span.is_disabled() {
+            span.record("operation", operation_of(shared, &request).as_str());
+        }
         let call = CallState {
             next,
             attempts: 1,
@@ -101,6 +125,8 @@ impl Prepared {
             backoff: None,
             in_retry: false,
             operation: None,
+            op_key,
+            span,
         };
         Ok((request, call))
     }
@@ -138,6 +164,26 @@ pub(crate) fn operation_of<Req: RetryRequest, C, H>(
     match (view.method, view.uri) {
         (Some(m), Some(u)) => Operation(Cow::Owned(format!("{m} {}", u.path()))),
         _ => Operation::from_static("call"),
+    }
+}
+
+/// The stats key of a request, computed without formatting its name.
+fn op_key_of<Req: RetryRequest, C, H>(shared: &Shared<C, H>, request: &Req) -> OpKey {
+    let view = request.view();
+    if let Some(op) = view.extensions.and_then(|e| e.get::<Operation>()) {
+        return OpKey::of_name(op.as_str());
+    }
+    if let Some(f) = &shared.layer.operation_fn {
+        if let Some(op) = f(&view) {
+            return OpKey::of_name(op.as_str());
+        }
+    }
+    if let Some(op) = request.operation() {
+        return OpKey::of_name(op.as_str());
+    }
+    match (view.method, view.uri) {
+        (Some(m), Some(u)) => OpKey::of_method_path(m, u.path()),
+        _ => OpKey::of_name("call"),
     }
 }
 
@@ -245,6 +291,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        let _entered = this.call.as_ref().map(|c| c.span.clone().entered());
         // Bounded: each turn either returns or moves the state forward; a call makes at most
         // `MAX_RETRIES_LIMIT + 1` attempts.
         loop {
@@ -471,7 +518,7 @@ where
 /// The retry is granted: say so, then sleep (or go straight on for a zero delay: tokio's
 /// timer rounds every sleep up to its 1 ms tick).
 fn start_wait<Req, C, H, F>(
-    _shared: &Shared<C, H>,
+    shared: &Shared<C, H>,
     call: &mut CallState<Req>,
     delay: Duration,
     mut state: Pin<&mut State<F>>,
@@ -482,13 +529,25 @@ fn start_wait<Req, C, H, F>(
         .as_ref()
         .map(|o| o.as_str())
         .unwrap_or("call");
+    let kind = call.last_kind.unwrap_or(ErrorKind::Other);
+    let policy = &shared.layer.policy;
+    shared
+        .layer
+        .stats
+        .record_retry(call.op_key, || operation.to_owned(), kind, delay);
     tracing::warn!(
         target: "tower_retry_guard",
         operation,
         attempt = call.attempts + 1,
         retry = call.attempts,
-        error_kind = call.last_kind.map(|k| k.as_str()).unwrap_or("other"),
+        "http.request.resend_count" = call.attempts,
+        error_kind = kind.as_str(),
         delay_ms = delay.as_millis() as u64,
+        retries_left = policy.max_retries().saturating_sub(call.attempts),
+        time_left_ms = policy
+            .max_total_time()
+            .saturating_sub(call.started.elapsed() + delay)
+            .as_millis() as u64,
         key = call.key.as_ref().map(|k| k.as_str()),
         "retrying"
     );
@@ -523,6 +582,15 @@ where
     C: Classify<Res, E>,
 {
     let recovered = call.attempts > 1;
+    shared.layer.stats.record_success(
+        call.op_key,
+        || {
+            call.operation
+                .as_ref()
+                .map_or_else(|| "call".to_owned(), |o| o.as_str().to_owned())
+        },
+        if recovered { call.last_kind } else { None },
+    );
     match result {
         Ok(mut response) => {
             if recovered {

@@ -8,6 +8,7 @@ use tower::Layer;
 
 use crate::budget::Budgets;
 use crate::classify::{ErrorKind, LlmHttp};
+use crate::observe::RetryStats;
 use crate::policy::RetryPolicy;
 use crate::request::{HeaderNames, Operation, RequestView, SideEffect};
 use crate::service::Retry;
@@ -87,6 +88,7 @@ pub struct RetryLayer<C = LlmHttp, H = NoChange> {
     pub(crate) side_effect_fn: Option<SideEffectFn>,
     pub(crate) operation_fn: Option<OperationFn>,
     pub(crate) info_on_success: bool,
+    pub(crate) stats: RetryStats,
 }
 
 impl Default for RetryLayer {
@@ -109,6 +111,7 @@ impl RetryLayer {
             side_effect_fn: None,
             operation_fn: None,
             info_on_success: true,
+            stats: RetryStats::new(),
         }
     }
 }
@@ -133,6 +136,7 @@ impl<C, H> RetryLayer<C, H> {
             side_effect_fn: self.side_effect_fn,
             operation_fn: self.operation_fn,
             info_on_success: self.info_on_success,
+            stats: self.stats,
         }
     }
 
@@ -149,6 +153,7 @@ impl<C, H> RetryLayer<C, H> {
             side_effect_fn: self.side_effect_fn,
             operation_fn: self.operation_fn,
             info_on_success: self.info_on_success,
+            stats: self.stats,
         }
     }
 
@@ -190,6 +195,17 @@ impl<C, H> RetryLayer<C, H> {
     {
         self.operation_fn = Some(Arc::new(f));
         self
+    }
+
+    /// Where this layer records its [`RetryStats`] (share one between layers by cloning it).
+    pub fn stats(mut self, stats: RetryStats) -> Self {
+        self.stats = stats;
+        self
+    }
+
+    /// This layer's stats (a shared handle: read it while the service runs).
+    pub fn retry_stats(&self) -> RetryStats {
+        self.stats.clone()
     }
 
     /// Whether a response that succeeded at the first attempt also carries a

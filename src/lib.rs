@@ -19,7 +19,7 @@ pub use crate::classify::{Classify, ErrorKind, LlmHttp, Outcome};
 pub use crate::error::{RetryError, StopReason};
 pub use crate::future::ResponseFuture;
 pub use crate::layer::{ChangeRequest, NoChange, RetryContext, RetryLayer};
-pub use crate::observe::{CallOutcome, RetryInfo};
+pub use crate::observe::{CallOutcome, Health, KindSnapshot, RetryInfo, RetryStats, Window};
 pub use crate::policy::{
     MAX_RETRIES_LIMIT, MAX_TOTAL_TIME_LIMIT, PolicyError, RetryPolicy, RetryPolicyBuilder,
 };

@@ -80,3 +80,537 @@ impl RetryInfo {
         }
     }
 }
+
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use dashmap::DashMap;
+use tokio::time::Instant;
+
+use crate::budget::Scope;
+
+/// A reviewer's verdict on one operation, from the last minute of calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Health {
+    /// Few retries, few failures.
+    Healthy,
+    /// Retries are spiking but end in success: the upstream is unstable but recoverable.
+    UnstableRecovering,
+    /// Calls fail after their retries (or are denied them): the upstream issue surfaces.
+    Failing,
+}
+
+impl Health {
+    /// `healthy`, `unstable_recovering`, `failing`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::UnstableRecovering => "unstable_recovering",
+            Health::Failing => "failing",
+        }
+    }
+}
+
+impl fmt::Display for Health {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Health::Healthy => "healthy",
+            Health::UnstableRecovering => "unstable but recovering",
+            Health::Failing => "failing",
+        })
+    }
+}
+
+const KINDS: usize = ErrorKind::ALL.len();
+const BUCKET_SECS: u64 = 10;
+const BUCKETS: usize = 60; // 10 minutes of 10 s buckets
+
+/// Counters of one error kind of one operation.
+#[derive(Debug, Default)]
+struct KindCounters {
+    /// Failed attempts of this kind.
+    failures: AtomicU64,
+    /// Retries made after a failure of this kind.
+    retries: AtomicU64,
+    /// Calls that succeeded after their last failure was of this kind.
+    recovered: AtomicU64,
+    /// Calls that ran out of attempts or time (exhausted, deadline, hint too long).
+    exhausted: AtomicU64,
+    /// Calls denied a retry by a budget, per scope (operation, task, user, process) and
+    /// store unavailable (index 4).
+    denied: [AtomicU64; 5],
+    /// Calls not retried for another reason (not retryable, side effect without key,
+    /// output unchanged, not cloneable, inner gave up).
+    not_retried: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct Bucket {
+    epoch: AtomicU64,
+    calls: AtomicU64,
+    retries: AtomicU64,
+    recovered: AtomicU64,
+    failed: AtomicU64,
+}
+
+#[derive(Debug)]
+struct OpStats {
+    name: String,
+    calls: AtomicU64,
+    kinds: [KindCounters; KINDS],
+    window: [Bucket; BUCKETS],
+}
+
+impl OpStats {
+    fn new(name: String) -> Self {
+        OpStats {
+            name,
+            calls: AtomicU64::new(0),
+            kinds: Default::default(),
+            window: std::array::from_fn(|_| Bucket::default()),
+        }
+    }
+}
+
+/// Shared, cheap-to-clone retry statistics: per operation and error kind, how many calls,
+/// retries, recoveries, exhaustions, budget denials and refusals, with windowed rates over
+/// the last minute and ten minutes and a [`Health`] verdict.
+///
+/// The success path touches one sharded map read and two relaxed atomics of its operation;
+/// no lock is held that two threads wait for. Windowed counts are approximate under heavy
+/// concurrency when a bucket rolls over (a few events may land in the old bucket).
+#[derive(Debug, Clone)]
+pub struct RetryStats {
+    inner: Arc<StatsInner>,
+}
+
+#[derive(Debug)]
+struct StatsInner {
+    ops: DashMap<u64, Arc<OpStats>>,
+    origin: Instant,
+}
+
+impl Default for RetryStats {
+    fn default() -> Self {
+        RetryStats::new()
+    }
+}
+
+/// A windowed summary of one operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Window {
+    /// Logical calls.
+    pub calls: u64,
+    /// Retries made.
+    pub retries: u64,
+    /// Calls that succeeded after a retry.
+    pub recovered: u64,
+    /// Calls that ended on a retryable failure (exhausted, deadline, denied...).
+    pub failed: u64,
+}
+
+/// The totals of one operation and error kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct KindSnapshot {
+    /// Failed attempts.
+    pub failures: u64,
+    /// Retries made after such a failure.
+    pub retries: u64,
+    /// Calls that succeeded in the end.
+    pub recovered: u64,
+    /// Calls that ran out of attempts or time.
+    pub exhausted: u64,
+    /// Calls denied by a budget: operation, task, user, process, store unavailable.
+    pub denied: [u64; 5],
+    /// Calls not retried for another reason.
+    pub not_retried: u64,
+}
+
+impl KindSnapshot {
+    /// Calls denied by any budget (or an unavailable store).
+    pub fn denied_total(&self) -> u64 {
+        self.denied.iter().sum()
+    }
+}
+
+fn scope_index(scope: Scope) -> usize {
+    match scope {
+        Scope::Operation => 0,
+        Scope::Task => 1,
+        Scope::User => 2,
+        Scope::Process => 3,
+    }
+}
+
+/// The stats key of an operation: a hash of its name, or of method and path, so that the
+/// success path never formats a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct OpKey(pub(crate) u64);
+
+impl OpKey {
+    pub(crate) fn of_name(name: &str) -> Self {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        0u8.hash(&mut h);
+        name.hash(&mut h);
+        OpKey(h.finish())
+    }
+
+    pub(crate) fn of_method_path(method: &http::Method, path: &str) -> Self {
+        // Must equal `of_name(format!("{method} {path}"))`, which names the entry.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        0u8.hash(&mut h);
+        // `str::hash` writes the bytes then 0xff; replicate over the pieces.
+        h.write(method.as_str().as_bytes());
+        h.write(b" ");
+        h.write(path.as_bytes());
+        h.write_u8(0xff);
+        OpKey(h.finish())
+    }
+}
+
+impl RetryStats {
+    /// Empty stats.
+    pub fn new() -> Self {
+        RetryStats {
+            inner: Arc::new(StatsInner {
+                ops: DashMap::new(),
+                origin: Instant::now(),
+            }),
+        }
+    }
+
+    fn epoch(&self) -> u64 {
+        self.inner.origin.elapsed().as_secs() / BUCKET_SECS
+    }
+
+    fn op(&self, key: OpKey, name: impl FnOnce() -> String) -> Arc<OpStats> {
+        if let Some(op) = self.inner.ops.get(&key.0) {
+            return op.clone();
+        }
+        self.inner
+            .ops
+            .entry(key.0)
+            .or_insert_with(|| Arc::new(OpStats::new(name())))
+            .clone()
+    }
+
+    fn with_op(
+        &self,
+        key: OpKey,
+        name: impl FnOnce() -> String,
+        f: impl FnOnce(&OpStats, &Bucket),
+    ) {
+        let epoch = self.epoch();
+        let run = |op: &OpStats| {
+            let bucket = &op.window[(epoch % BUCKETS as u64) as usize];
+            let seen = bucket.epoch.load(Relaxed);
+            if seen != epoch
+                && bucket
+                    .epoch
+                    .compare_exchange(seen, epoch, Relaxed, Relaxed)
+                    .is_ok()
+            {
+                bucket.calls.store(0, Relaxed);
+                bucket.retries.store(0, Relaxed);
+                bucket.recovered.store(0, Relaxed);
+                bucket.failed.store(0, Relaxed);
+            }
+            f(op, bucket);
+        };
+        // The common case: a read of one shard, no Arc clone.
+        if let Some(op) = self.inner.ops.get(&key.0) {
+            run(&op);
+            return;
+        }
+        let op = self.op(key, name);
+        run(&op);
+    }
+
+    /// A logical call ended in success.
+    pub(crate) fn record_success(
+        &self,
+        key: OpKey,
+        name: impl FnOnce() -> String,
+        recovered_from: Option<ErrorKind>,
+    ) {
+        self.with_op(key, name, |op, bucket| {
+            op.calls.fetch_add(1, Relaxed);
+            bucket.calls.fetch_add(1, Relaxed);
+            if let Some(kind) = recovered_from {
+                op.kinds[kind.index()].recovered.fetch_add(1, Relaxed);
+                bucket.recovered.fetch_add(1, Relaxed);
+            }
+            #[cfg(feature = "metrics")]
+            metrics::counter!(
+                "retry_calls_total",
+                "operation" => op.name.clone(),
+                "outcome" => if recovered_from.is_some() { "recovered" } else { "succeeded" }
+            )
+            .increment(1);
+        });
+    }
+
+    /// An attempt failed with `kind` and a retry follows after `delay`.
+    pub(crate) fn record_retry(
+        &self,
+        key: OpKey,
+        name: impl FnOnce() -> String,
+        kind: ErrorKind,
+        delay: Duration,
+    ) {
+        let _ = delay;
+        self.with_op(key, name, |op, bucket| {
+            let k = &op.kinds[kind.index()];
+            k.failures.fetch_add(1, Relaxed);
+            k.retries.fetch_add(1, Relaxed);
+            bucket.retries.fetch_add(1, Relaxed);
+            #[cfg(feature = "metrics")]
+            {
+                metrics::counter!(
+                    "retry_attempts_total",
+                    "operation" => op.name.clone(),
+                    "error_kind" => kind.as_str()
+                )
+                .increment(1);
+                metrics::histogram!("retry_delay_seconds", "operation" => op.name.clone())
+                    .record(delay.as_secs_f64());
+            }
+        });
+    }
+
+    /// Whether an operation has an entry.
+    pub(crate) fn contains(&self, key: OpKey) -> bool {
+        self.inner.ops.contains_key(&key.0)
+    }
+
+    /// Makes sure an operation has an entry, named `name`.
+    pub(crate) fn ensure(&self, key: OpKey, name: &str) {
+        let _ = self.op(key, || name.to_owned());
+    }
+
+    /// A logical call ended on a failure of `kind`, for `reason`.
+    pub(crate) fn record_stop(
+        &self,
+        key: OpKey,
+        name: impl FnOnce() -> String,
+        kind: ErrorKind,
+        reason: &StopReason,
+    ) {
+        self.with_op(key, name, |op, bucket| {
+            op.calls.fetch_add(1, Relaxed);
+            bucket.calls.fetch_add(1, Relaxed);
+            let k = &op.kinds[kind.index()];
+            k.failures.fetch_add(1, Relaxed);
+            let upstream = match reason {
+                StopReason::Exhausted { .. }
+                | StopReason::Deadline { .. }
+                | StopReason::HintTooLong { .. } => {
+                    k.exhausted.fetch_add(1, Relaxed);
+                    true
+                }
+                StopReason::Budget { scope, .. } => {
+                    k.denied[scope_index(*scope)].fetch_add(1, Relaxed);
+                    true
+                }
+                StopReason::StoreUnavailable { .. } => {
+                    k.denied[4].fetch_add(1, Relaxed);
+                    true
+                }
+                _ => {
+                    k.not_retried.fetch_add(1, Relaxed);
+                    // A retryable failure we were not allowed to retry still says the
+                    // upstream failed; a client error does not.
+                    !matches!(reason, StopReason::NotRetryable | StopReason::InvalidKey(_))
+                }
+            };
+            if upstream {
+                bucket.failed.fetch_add(1, Relaxed);
+            }
+            #[cfg(feature = "metrics")]
+            metrics::counter!(
+                "retry_calls_total",
+                "operation" => op.name.clone(),
+                "outcome" => reason.as_str()
+            )
+            .increment(1);
+        });
+    }
+
+    /// The operations seen, by name.
+    pub fn operations(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.inner.ops.iter().map(|e| e.name.clone()).collect();
+        names.sort();
+        names
+    }
+
+    fn find(&self, operation: &str) -> Option<Arc<OpStats>> {
+        self.inner
+            .ops
+            .get(&OpKey::of_name(operation).0)
+            .map(|e| e.clone())
+    }
+
+    /// All-time logical calls of an operation.
+    pub fn calls(&self, operation: &str) -> u64 {
+        self.find(operation).map_or(0, |o| o.calls.load(Relaxed))
+    }
+
+    /// All-time totals of an operation for one error kind.
+    pub fn kind(&self, operation: &str, kind: ErrorKind) -> KindSnapshot {
+        let Some(op) = self.find(operation) else {
+            return KindSnapshot::default();
+        };
+        let k = &op.kinds[kind.index()];
+        KindSnapshot {
+            failures: k.failures.load(Relaxed),
+            retries: k.retries.load(Relaxed),
+            recovered: k.recovered.load(Relaxed),
+            exhausted: k.exhausted.load(Relaxed),
+            denied: std::array::from_fn(|i| k.denied[i].load(Relaxed)),
+            not_retried: k.not_retried.load(Relaxed),
+        }
+    }
+
+    /// All-time totals of an operation over every error kind.
+    pub fn totals(&self, operation: &str) -> KindSnapshot {
+        let mut t = KindSnapshot::default();
+        for kind in ErrorKind::ALL {
+            let k = self.kind(operation, kind);
+            t.failures += k.failures;
+            t.retries += k.retries;
+            t.recovered += k.recovered;
+            t.exhausted += k.exhausted;
+            for i in 0..5 {
+                t.denied[i] += k.denied[i];
+            }
+            t.not_retried += k.not_retried;
+        }
+        t
+    }
+
+    /// The last `span` of an operation, rounded to 10 s buckets (at most 10 minutes).
+    pub fn window(&self, operation: &str, span: Duration) -> Window {
+        let Some(op) = self.find(operation) else {
+            return Window::default();
+        };
+        let now = self.epoch();
+        let n = (span.as_secs().div_ceil(BUCKET_SECS)).clamp(1, BUCKETS as u64);
+        let mut w = Window::default();
+        for back in 0..n {
+            let Some(epoch) = now.checked_sub(back) else {
+                break;
+            };
+            let b = &op.window[(epoch % BUCKETS as u64) as usize];
+            if b.epoch.load(Relaxed) != epoch {
+                continue;
+            }
+            w.calls += b.calls.load(Relaxed);
+            w.retries += b.retries.load(Relaxed);
+            w.recovered += b.recovered.load(Relaxed);
+            w.failed += b.failed.load(Relaxed);
+        }
+        w
+    }
+
+    /// The last minute of an operation.
+    pub fn last_minute(&self, operation: &str) -> Window {
+        self.window(operation, Duration::from_secs(60))
+    }
+
+    /// The last ten minutes of an operation.
+    pub fn last_ten_minutes(&self, operation: &str) -> Window {
+        self.window(operation, Duration::from_secs(600))
+    }
+
+    /// The reviewer's verdict on an operation, from its last minute:
+    ///
+    /// - [`Health::Failing`] when at least 5% of calls ended on an upstream failure (retries
+    ///   exhausted, deadline, denied by a budget) and failures outnumber recoveries;
+    /// - [`Health::UnstableRecovering`] when retries are at least 5% of calls (or anything
+    ///   failed), but recoveries outnumber failures;
+    /// - [`Health::Healthy`] otherwise (also with no calls).
+    pub fn health(&self, operation: &str) -> Health {
+        health_of(&self.last_minute(operation))
+    }
+}
+
+fn health_of(w: &Window) -> Health {
+    if w.calls == 0 {
+        return Health::Healthy;
+    }
+    let failed_share = w.failed as f64 / w.calls as f64;
+    let retry_share = w.retries as f64 / w.calls as f64;
+    if failed_share >= 0.05 && w.failed >= w.recovered {
+        Health::Failing
+    } else if retry_share >= 0.05 || w.failed > 0 {
+        Health::UnstableRecovering
+    } else {
+        Health::Healthy
+    }
+}
+
+impl fmt::Display for RetryStats {
+    /// A table: per operation, calls and retries over the last minute and all time, then a
+    /// row per error kind seen.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{:<32} {:>8} {:>8} {:>9} {:>9} {:>7} {:>11}  health (last minute)",
+            "operation / error kind",
+            "calls",
+            "retries",
+            "recovered",
+            "exhausted",
+            "denied",
+            "not retried"
+        )?;
+        for name in self.operations() {
+            let t = self.totals(&name);
+            let w = self.last_minute(&name);
+            writeln!(
+                f,
+                "{:<32} {:>8} {:>8} {:>9} {:>9} {:>7} {:>11}  {} ({} calls, {} retries, {} recovered, {} failed)",
+                truncate(&name, 32),
+                self.calls(&name),
+                t.retries,
+                t.recovered,
+                t.exhausted,
+                t.denied_total(),
+                t.not_retried,
+                health_of(&w),
+                w.calls,
+                w.retries,
+                w.recovered,
+                w.failed,
+            )?;
+            for kind in ErrorKind::ALL {
+                let k = self.kind(&name, kind);
+                if k.failures == 0 {
+                    continue;
+                }
+                writeln!(
+                    f,
+                    "  {:<30} {:>8} {:>8} {:>9} {:>9} {:>7} {:>11}",
+                    kind.as_str(),
+                    "",
+                    k.retries,
+                    k.recovered,
+                    k.exhausted,
+                    k.denied_total(),
+                    k.not_retried
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    match s.char_indices().nth(n) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}

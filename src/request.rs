@@ -308,7 +308,8 @@ pub trait RetryRequest: Sized {
     }
 
     /// The operation's name, when the request knows it (a tool call knows its tool). Called
-    /// only after a failure, when no [`Operation`] extension or naming closure named it.
+    /// when no [`Operation`] extension or naming closure named it; keep it cheap (a
+    /// `&'static str` name does not allocate).
     fn operation(&self) -> Option<Operation> {
         None
     }
