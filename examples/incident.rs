@@ -46,7 +46,11 @@ struct Mailbox {
     lose_first: bool,
 }
 
-async fn send_email(State(mailbox): State<Arc<Mailbox>>, headers: HeaderMap, body: String) -> (StatusCode, String) {
+async fn send_email(
+    State(mailbox): State<Arc<Mailbox>>,
+    headers: HeaderMap,
+    body: String,
+) -> (StatusCode, String) {
     let n = mailbox.requests.fetch_add(1, Ordering::SeqCst);
     if let Some(key) = headers.get("idempotency-key").and_then(|v| v.to_str().ok()) {
         if let Ok(mut keys) = mailbox.keys.lock() {
@@ -59,7 +63,10 @@ async fn send_email(State(mailbox): State<Arc<Mailbox>>, headers: HeaderMap, bod
     if n == 0 && mailbox.lose_first {
         tokio::time::sleep(Duration::from_millis(800)).await;
     }
-    (StatusCode::OK, format!("{{\"email_id\":{id},\"to\":{body:?}}}"))
+    (
+        StatusCode::OK,
+        format!("{{\"email_id\":{id},\"to\":{body:?}}}"),
+    )
 }
 
 async fn serve(router: Router) -> Result<String, BoxError> {
@@ -72,7 +79,9 @@ async fn serve(router: Router) -> Result<String, BoxError> {
 }
 
 fn tool_router(mailbox: Arc<Mailbox>) -> Router {
-    Router::new().route("/tools/send_email", post(send_email)).with_state(mailbox)
+    Router::new()
+        .route("/tools/send_email", post(send_email))
+        .with_state(mailbox)
 }
 
 fn email_request(base: &str) -> Result<http::Request<Body>, BoxError> {
@@ -86,7 +95,9 @@ fn email_request(base: &str) -> Result<http::Request<Body>, BoxError> {
 #[derive(Clone)]
 struct Naive(u32);
 
-impl<E> tower::retry::Policy<http::Request<Body>, http::Response<hyper::body::Incoming>, E> for Naive {
+impl<E> tower::retry::Policy<http::Request<Body>, http::Response<hyper::body::Incoming>, E>
+    for Naive
+{
     type Future = std::future::Ready<()>;
     fn retry(
         &mut self,
@@ -269,9 +280,17 @@ async fn provider(stats: &RetryStats) -> Result<(), BoxError> {
                             h.insert("retry-after-ms", http::HeaderValue::from_static("120"));
                             (StatusCode::TOO_MANY_REQUESTS, h, "rate limited")
                         }
-                        1 => (StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE), h, "overloaded"),
+                        1 => (
+                            StatusCode::from_u16(529).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                            h,
+                            "overloaded",
+                        ),
                         2 => (StatusCode::INTERNAL_SERVER_ERROR, h, "oops"),
-                        _ => (StatusCode::OK, h, "{\"choices\":[{\"message\":{\"content\":\"hi\"}}]}"),
+                        _ => (
+                            StatusCode::OK,
+                            h,
+                            "{\"choices\":[{\"message\":{\"content\":\"hi\"}}]}",
+                        ),
                     }
                 }
             }),
@@ -287,7 +306,8 @@ async fn provider(stats: &RetryStats) -> Result<(), BoxError> {
         .budgets(Budgets::default())
         .side_effect_fn(|view| {
             let path = view.uri.map(|u| u.path()).unwrap_or_default();
-            path.starts_with("/v1/").then_some(tower_retry_guard::SideEffect::Idempotent)
+            path.starts_with("/v1/")
+                .then_some(tower_retry_guard::SideEffect::Idempotent)
         });
     let mut svc = ServiceBuilder::new()
         .layer(layer)
@@ -296,9 +316,14 @@ async fn provider(stats: &RetryStats) -> Result<(), BoxError> {
     for i in 0..3 {
         let req = http::Request::post(format!("{base}/v1/chat/completions"))
             .header("x-user-id", "user-42")
-            .body(Full::new(Bytes::from_static(b"{\"model\":\"m\",\"messages\":[]}")))?;
+            .body(Full::new(Bytes::from_static(
+                b"{\"model\":\"m\",\"messages\":[]}",
+            )))?;
         let res = svc.ready().await?.call(req).await?;
-        let info = res.extensions().get::<tower_retry_guard::RetryInfo>().cloned();
+        let info = res
+            .extensions()
+            .get::<tower_retry_guard::RetryInfo>()
+            .cloned();
         println!(
             "chat call {i}: {} after {} attempts ({:?} waited)",
             res.status(),
@@ -306,9 +331,13 @@ async fn provider(stats: &RetryStats) -> Result<(), BoxError> {
             info.map(|i| i.total_delay).unwrap_or_default()
         );
     }
-    let req = http::Request::post(format!("{base}/v1/embeddings")).body(Full::new(Bytes::from_static(b"{}")))?;
+    let req = http::Request::post(format!("{base}/v1/embeddings"))
+        .body(Full::new(Bytes::from_static(b"{}")))?;
     let res = svc.ready().await?.call(req).await?;
-    let info = res.extensions().get::<tower_retry_guard::RetryInfo>().cloned();
+    let info = res
+        .extensions()
+        .get::<tower_retry_guard::RetryInfo>()
+        .cloned();
     println!(
         "embeddings call: {} after {} attempts, {}",
         res.status(),
