@@ -89,6 +89,7 @@
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 mod backoff;
+pub mod body;
 pub mod budget;
 pub mod classify;
 mod error;
@@ -97,9 +98,12 @@ mod layer;
 mod observe;
 mod policy;
 mod request;
+#[cfg(feature = "reqwest")]
+mod reqwest_impl;
 mod service;
 
 pub use crate::backoff::{Backoff, Jitter};
+pub use crate::body::{BufferErrorBodyLayer, BufferRequestBodyLayer, BufferedBody, ErrorBody};
 pub use crate::budget::{BudgetStore, Budgets, MemoryStore};
 pub use crate::classify::{Classify, ErrorKind, LlmHttp, Outcome};
 pub use crate::error::{RetryError, StopReason};

@@ -14,7 +14,7 @@ use crate::RetryInfo;
 /// | 1xx, 2xx, 3xx | success |
 /// | 408 | retry, [`ErrorKind::Timeout`] |
 /// | 409 | retry, [`ErrorKind::Conflict`] |
-/// | 429 | retry, [`ErrorKind::RateLimited`] |
+/// | 429 | retry, [`ErrorKind::RateLimited`]; but fail with [`ErrorKind::QuotaExhausted`] when the error body (buffered by [`BufferErrorBodyLayer`](crate::BufferErrorBodyLayer)) says the account is out of quota (`insufficient_quota`, ...) |
 /// | 503, 529 | retry, [`ErrorKind::Overloaded`] |
 /// | 504 | retry, [`ErrorKind::Timeout`] |
 /// | other 5xx | retry, [`ErrorKind::ServerError`] |
@@ -53,6 +53,25 @@ impl LlmHttp {
             Outcome::Fail { kind }
         }
     }
+}
+
+/// Error codes that mean "out of money", not "too fast": waiting will not help
+/// (OpenAI `insufficient_quota`, `billing_hard_limit_reached`; spend and credit limits).
+const QUOTA_MARKERS: [&[u8]; 5] = [
+    b"insufficient_quota",
+    b"billing_hard_limit_reached",
+    b"quota_exceeded",
+    b"spend_limit",
+    b"credit balance is too low",
+];
+
+/// Whether an error body says the account is out of quota.
+pub fn is_quota_error(body: &[u8]) -> bool {
+    // Bounded: error bodies are buffered up to a limit; look at the first 64 KiB at most.
+    let body = &body[..body.len().min(64 * 1024)];
+    QUOTA_MARKERS
+        .iter()
+        .any(|m| body.windows(m.len()).any(|w| w.eq_ignore_ascii_case(m)))
 }
 
 fn is_retryable(status: StatusCode) -> bool {
@@ -130,7 +149,16 @@ impl<B, E: AsError> Classify<Response<B>, E> for LlmHttp {
     fn classify(&self, result: &Result<Response<B>, E>) -> Outcome {
         match result {
             Ok(res) => {
-                let outcome = LlmHttp::classify_parts(res.status(), res.headers());
+                let mut outcome = LlmHttp::classify_parts(res.status(), res.headers());
+                if res.status() == StatusCode::TOO_MANY_REQUESTS {
+                    if let Some(body) = res.extensions().get::<crate::body::ErrorBody>() {
+                        if is_quota_error(&body.0) {
+                            outcome = Outcome::Fail {
+                                kind: ErrorKind::QuotaExhausted,
+                            };
+                        }
+                    }
+                }
                 if !matches!(outcome, Outcome::Success)
                     && res.extensions().get::<RetryInfo>().is_some()
                 {

@@ -1,0 +1,81 @@
+//! `RetryRequest` for `reqwest::Request` and the [`LlmHttp`] classifier for
+//! `reqwest::Response` (feature `reqwest`). `reqwest::Client` is a `tower::Service`, so
+//! `ServiceBuilder::new().layer(RetryLayer::new()).service(client)` retries it.
+
+use std::borrow::Cow;
+
+use crate::classify::{AsError, Classify, ErrorKind, LlmHttp, Outcome};
+use crate::observe::RetryInfo;
+use crate::request::{
+    HeaderNames, IdempotencyKey, InvalidKey, Operation, RequestView, RetryRequest, SideEffect,
+    attempt_header,
+};
+
+impl RetryRequest for reqwest::Request {
+    fn try_clone(&self) -> Option<Self> {
+        reqwest::Request::try_clone(self)
+    }
+
+    fn side_effect(&self) -> SideEffect {
+        SideEffect::of_method(self.method())
+    }
+
+    fn idempotency_key(&self, names: &HeaderNames) -> Result<Option<IdempotencyKey>, InvalidKey> {
+        match self.headers().get(&names.idempotency_key) {
+            Some(v) => IdempotencyKey::from_header(v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    fn set_idempotency_key(&mut self, key: &IdempotencyKey, names: &HeaderNames) {
+        if !self.headers().contains_key(&names.idempotency_key) {
+            self.headers_mut()
+                .insert(names.idempotency_key.clone(), key.header_value().clone());
+        }
+    }
+
+    fn set_attempt(&mut self, attempt: u32, names: &HeaderNames) {
+        if let Some(name) = &names.attempt {
+            self.headers_mut()
+                .insert(name.clone(), attempt_header(attempt));
+        }
+    }
+
+    fn view(&self) -> RequestView<'_> {
+        let mut view = RequestView::default();
+        view.method = Some(self.method());
+        view.headers = Some(self.headers());
+        view
+    }
+
+    fn operation(&self) -> Option<Operation> {
+        Some(Operation(Cow::Owned(format!(
+            "{} {}",
+            self.method(),
+            self.url().path()
+        ))))
+    }
+}
+
+impl Classify<reqwest::Response, reqwest::Error> for LlmHttp {
+    fn classify(&self, result: &Result<reqwest::Response, reqwest::Error>) -> Outcome {
+        match result {
+            Ok(res) => {
+                let outcome = LlmHttp::classify_parts(res.status(), res.headers());
+                if !matches!(outcome, Outcome::Success)
+                    && res.extensions().get::<RetryInfo>().is_some()
+                {
+                    return Outcome::Fail {
+                        kind: ErrorKind::GaveUp,
+                    };
+                }
+                outcome
+            }
+            Err(e) => crate::classify::classify_error(e.as_error()),
+        }
+    }
+
+    fn attach(&self, response: &mut reqwest::Response, info: &RetryInfo) {
+        response.extensions_mut().insert(info.clone());
+    }
+}
