@@ -1,0 +1,136 @@
+//! The success path per call: a bare service, tower's retry, backon, and this crate.
+//!
+//! Run: `cargo bench --bench overhead`
+
+use std::hint::black_box;
+
+use backon::{ExponentialBuilder, Retryable};
+use criterion::{Criterion, criterion_group, criterion_main};
+use http::{Request, Response};
+use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_retry_guard::{Budgets, RetryLayer};
+
+type Req = Request<String>;
+type Res = Response<String>;
+type Err = Box<dyn std::error::Error + Send + Sync>;
+
+fn inner()
+-> impl Service<Req, Response = Res, Error = Err, Future = std::future::Ready<Result<Res, Err>>> + Clone
+{
+    tower::service_fn(|_req: Req| std::future::ready(Ok::<_, Err>(Response::new(String::new()))))
+}
+
+#[derive(Clone)]
+struct NeverRetry;
+
+impl tower::retry::Policy<Req, Res, Err> for NeverRetry {
+    type Future = std::future::Ready<()>;
+    fn retry(&mut self, _: &mut Req, _: &mut Result<Res, Err>) -> Option<Self::Future> {
+        None
+    }
+    fn clone_request(&mut self, req: &Req) -> Option<Req> {
+        let mut r = Request::new(req.body().clone());
+        *r.method_mut() = req.method().clone();
+        *r.uri_mut() = req.uri().clone();
+        *r.headers_mut() = req.headers().clone();
+        Some(r)
+    }
+}
+
+fn get() -> Req {
+    Request::get("http://127.0.0.1/v1/models")
+        .body(String::new())
+        .unwrap_or_default()
+}
+
+fn post() -> Req {
+    Request::post("http://127.0.0.1/tools/send_email")
+        .body(String::from("{}"))
+        .unwrap_or_default()
+}
+
+fn bench(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap_or_else(|e| panic!("runtime: {e}"));
+    let mut g = c.benchmark_group("success_path");
+
+    let svc = inner();
+    g.bench_function("bare", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut s = svc.clone();
+            async move {
+                let r = match s.ready().await {
+                    Ok(s) => s.call(get()).await.is_ok(),
+                    Err(_) => false,
+                };
+                black_box(r)
+            }
+        })
+    });
+
+    let tower_retry = ServiceBuilder::new()
+        .layer(tower::retry::RetryLayer::new(NeverRetry))
+        .service(inner());
+    g.bench_function("tower_retry", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut s = tower_retry.clone();
+            async move {
+                let r = match s.ready().await {
+                    Ok(s) => s.call(get()).await.is_ok(),
+                    Err(_) => false,
+                };
+                black_box(r)
+            }
+        })
+    });
+
+    g.bench_function("backon", |b| {
+        b.to_async(&rt).iter(|| {
+            let s = svc.clone();
+            async move {
+                let r = (|| {
+                    let mut s = s.clone();
+                    async move { s.call(get()).await }
+                })
+                .retry(ExponentialBuilder::default())
+                .await;
+                black_box(r.is_ok())
+            }
+        })
+    });
+
+    for (name, layer, req) in [
+        ("guard_get", RetryLayer::new(), get as fn() -> Req),
+        (
+            "guard_get_no_info",
+            RetryLayer::new().info_on_success(false),
+            get,
+        ),
+        ("guard_post_keyed", RetryLayer::new(), post),
+        (
+            "guard_get_no_budgets",
+            RetryLayer::new().budgets(Budgets::none()),
+            get,
+        ),
+    ] {
+        let guarded = ServiceBuilder::new().layer(layer).service(inner());
+        g.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| {
+                let mut s = guarded.clone();
+                async move {
+                    let r = match s.ready().await {
+                        Ok(s) => s.call(req()).await.is_ok(),
+                        Err(_) => false,
+                    };
+                    black_box(r)
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
