@@ -640,6 +640,15 @@ where
     C: Classify<Res, E>,
 {
     call.last_kind = Some(kind);
+    if call.operation.is_none() {
+        // The call ended before a retry was considered (retries off, not retryable): name it
+        // from its stats entry, made when the call started.
+        call.operation = shared
+            .layer
+            .stats
+            .name_of(call.op_key)
+            .map(|name| Operation(Cow::Owned(name)));
+    }
     let operation = call
         .operation
         .as_ref()

@@ -386,6 +386,11 @@ impl RetryStats {
         self.inner.ops.contains_key(&key.0)
     }
 
+    /// The name of an operation's entry.
+    pub(crate) fn name_of(&self, key: OpKey) -> Option<String> {
+        self.inner.ops.get(&key.0).map(|op| op.name.clone())
+    }
+
     /// Makes sure an operation has an entry, named `name`.
     pub(crate) fn ensure(&self, key: OpKey, name: &str) {
         let _ = self.op(key, || name.to_owned());
