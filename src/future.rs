@@ -649,6 +649,16 @@ where
             .name_of(call.op_key)
             .map(|name| Operation(Cow::Owned(name)));
     }
+    shared.layer.stats.record_stop(
+        call.op_key,
+        || {
+            call.operation
+                .as_ref()
+                .map_or_else(|| "call".to_owned(), |o| o.as_str().to_owned())
+        },
+        kind,
+        &reason,
+    );
     let operation = call
         .operation
         .as_ref()
