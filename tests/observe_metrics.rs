@@ -81,36 +81,60 @@ fn attempts_calls_and_delays_are_recorded() {
 
     let attempts = "retry_attempts_total";
     assert_eq!(
-        counter(&m, attempts, &[("operation", "GET /flaky"), ("error_kind", "overloaded")]),
+        counter(
+            &m,
+            attempts,
+            &[("operation", "GET /flaky"), ("error_kind", "overloaded")]
+        ),
         2
     );
     assert_eq!(
-        counter(&m, attempts, &[("operation", "GET /down"), ("error_kind", "server_error")]),
+        counter(
+            &m,
+            attempts,
+            &[("operation", "GET /down"), ("error_kind", "server_error")]
+        ),
         3
     );
 
     let calls = "retry_calls_total";
     assert_eq!(
-        counter(&m, calls, &[("operation", "GET /flaky"), ("outcome", "recovered")]),
+        counter(
+            &m,
+            calls,
+            &[("operation", "GET /flaky"), ("outcome", "recovered")]
+        ),
         2
     );
     assert_eq!(
-        counter(&m, calls, &[("operation", "GET /down"), ("outcome", "exhausted")]),
+        counter(
+            &m,
+            calls,
+            &[("operation", "GET /down"), ("outcome", "exhausted")]
+        ),
         1
     );
     assert_eq!(
-        counter(&m, calls, &[("operation", "GET /ok"), ("outcome", "succeeded")]),
+        counter(
+            &m,
+            calls,
+            &[("operation", "GET /ok"), ("outcome", "succeeded")]
+        ),
         1
     );
     assert!(
-        !m.keys()
-            .any(|(name, l)| name == attempts && l.contains(&("operation".into(), "GET /ok".into()))),
+        !m.keys().any(
+            |(name, l)| name == attempts && l.contains(&("operation".into(), "GET /ok".into()))
+        ),
         "no retry, no attempt counted"
     );
 
     let mut delays = Vec::new();
     for op in ["GET /flaky", "GET /down"] {
-        match m.get(&("retry_delay_seconds".to_owned(), labels(&[("operation", op)]))) {
+        match m.get(&(
+            "retry_delay_seconds".to_owned(),
+            labels(&[("operation", op)]),
+        )) {
             Some(DebugValue::Histogram(values)) => delays.extend(values.iter().map(|v| v.0)),
             other => panic!("retry_delay_seconds {op}: {other:?}"),
         }

@@ -10,11 +10,13 @@ use std::task::{Context, Poll};
 use http::{Request, Response, StatusCode};
 use tower::{Service, ServiceExt};
 
+type Script = Arc<dyn Fn(&Request<String>, u32) -> u16 + Send + Sync>;
+
 /// A service that answers attempt `n` (0-based, counted over all calls) with `script(n)`.
 #[derive(Clone)]
 pub struct Scripted {
     pub calls: Arc<AtomicU32>,
-    script: Arc<dyn Fn(&Request<String>, u32) -> u16 + Send + Sync>,
+    script: Script,
 }
 
 impl Scripted {
