@@ -45,6 +45,9 @@ pub(crate) struct CallState<Req> {
 pub(crate) struct Prepared;
 
 impl Prepared {
+    // Returns the request and its call state; the refusal is as large as a RetryError (the
+    // future's own output), which is built from it.
+    #[allow(clippy::new_ret_no_self, clippy::result_large_err)]
     pub(crate) fn new<Req: RetryRequest, C, H>(
         shared: &Shared<C, H>,
         mut request: Req,
@@ -573,6 +576,7 @@ fn info_of<Req>(call: &CallState<Req>, outcome: CallOutcome) -> RetryInfo {
     }
 }
 
+#[allow(clippy::result_large_err)] // the future's output type
 fn succeed<Req, Res, E, C, H>(
     shared: &Shared<C, H>,
     call: &mut CallState<Req>,
@@ -629,6 +633,7 @@ where
     }
 }
 
+#[allow(clippy::result_large_err)] // the future's output type
 fn stop<Req, Res, E, C, H>(
     shared: &Shared<C, H>,
     call: &mut CallState<Req>,
@@ -640,6 +645,25 @@ where
     C: Classify<Res, E>,
 {
     call.last_kind = Some(kind);
+    if call.operation.is_none() {
+        // The call ended before a retry was considered (retries off, not retryable): name it
+        // from its stats entry, made when the call started.
+        call.operation = shared
+            .layer
+            .stats
+            .name_of(call.op_key)
+            .map(|name| Operation(Cow::Owned(name)));
+    }
+    shared.layer.stats.record_stop(
+        call.op_key,
+        || {
+            call.operation
+                .as_ref()
+                .map_or_else(|| "call".to_owned(), |o| o.as_str().to_owned())
+        },
+        kind,
+        &reason,
+    );
     let operation = call
         .operation
         .as_ref()

@@ -386,6 +386,11 @@ impl RetryStats {
         self.inner.ops.contains_key(&key.0)
     }
 
+    /// The name of an operation's entry.
+    pub(crate) fn name_of(&self, key: OpKey) -> Option<String> {
+        self.inner.ops.get(&key.0).map(|op| op.name.clone())
+    }
+
     /// Makes sure an operation has an entry, named `name`.
     pub(crate) fn ensure(&self, key: OpKey, name: &str) {
         let _ = self.op(key, || name.to_owned());
@@ -612,5 +617,99 @@ fn truncate(s: &str, n: usize) -> &str {
     match s.char_indices().nth(n) {
         Some((i, _)) => &s[..i],
         None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn op_key_of_method_path_equals_of_name() {
+        let paths = [
+            "",
+            "/",
+            "/x",
+            "/v1/chat/completions",
+            "/v1/messages/batches/msgbatch_0123456789abcdef/results",
+            "/ünïcödé/路径",
+            "/exactly8",
+            "/1234567",
+        ];
+        let methods = [
+            http::Method::GET,
+            http::Method::POST,
+            http::Method::PUT,
+            http::Method::DELETE,
+            http::Method::PATCH,
+            http::Method::from_bytes(b"PURGE").unwrap(),
+        ];
+        for m in &methods {
+            for p in paths {
+                assert_eq!(
+                    OpKey::of_method_path(m, p),
+                    OpKey::of_name(&format!("{m} {p}")),
+                    "{m} {p}"
+                );
+            }
+        }
+        assert_ne!(
+            OpKey::of_method_path(&http::Method::GET, "/a"),
+            OpKey::of_method_path(&http::Method::GET, "/b")
+        );
+        assert_ne!(
+            OpKey::of_method_path(&http::Method::GET, "/a"),
+            OpKey::of_method_path(&http::Method::POST, "/a")
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn op_key_streaming_equivalence(method in "[A-Z]{1,12}", path in "/\\PC{0,60}") {
+            let m = http::Method::from_bytes(method.as_bytes()).unwrap();
+            prop_assert_eq!(
+                OpKey::of_method_path(&m, &path),
+                OpKey::of_name(&format!("{m} {path}"))
+            );
+        }
+    }
+
+    #[test]
+    fn stats_find_an_entry_keyed_by_method_and_path_by_its_name() {
+        let stats = RetryStats::new();
+        let key = OpKey::of_method_path(&http::Method::POST, "/v1/messages");
+        stats.record_success(key, || "POST /v1/messages".to_owned(), None);
+        stats.record_retry(
+            key,
+            || unreachable!("the entry exists"),
+            ErrorKind::Overloaded,
+            Duration::from_millis(100),
+        );
+        assert_eq!(stats.calls("POST /v1/messages"), 1);
+        assert_eq!(
+            stats
+                .kind("POST /v1/messages", ErrorKind::Overloaded)
+                .retries,
+            1
+        );
+        assert_eq!(stats.name_of(key).as_deref(), Some("POST /v1/messages"));
+    }
+
+    #[test]
+    fn health_thresholds() {
+        let w = |calls, retries, recovered, failed| Window {
+            calls,
+            retries,
+            recovered,
+            failed,
+        };
+        assert_eq!(health_of(&w(0, 0, 0, 0)), Health::Healthy);
+        assert_eq!(health_of(&w(100, 4, 4, 0)), Health::Healthy);
+        assert_eq!(health_of(&w(100, 5, 5, 0)), Health::UnstableRecovering);
+        assert_eq!(health_of(&w(100, 50, 40, 10)), Health::UnstableRecovering);
+        assert_eq!(health_of(&w(100, 1, 0, 1)), Health::UnstableRecovering);
+        assert_eq!(health_of(&w(100, 30, 5, 5)), Health::Failing);
+        assert_eq!(health_of(&w(10, 30, 0, 10)), Health::Failing);
     }
 }

@@ -10,6 +10,7 @@ use super::{BudgetStore, Draw, Grant, Limit, Scope, StoreError};
 /// Budgets in this process's memory.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryStore {
+    #[allow(clippy::type_complexity)]
     inner: Arc<Mutex<HashMap<(Scope, String), (f64, Instant)>>>,
 }
 
