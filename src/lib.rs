@@ -11,6 +11,7 @@ mod layer;
 mod observe;
 mod policy;
 mod request;
+pub mod server;
 mod service;
 
 pub use crate::backoff::{Backoff, Jitter};
@@ -26,5 +27,8 @@ pub use crate::policy::{
 pub use crate::request::{
     CloneBody, HeaderNames, IdempotencyKey, InvalidKey, MAX_KEY_LEN, Operation, RequestView,
     RetryRequest, SideEffect, TaskId, UserId,
+};
+pub use crate::server::{
+    Dedupe, DedupeLayer, Idempotency, IdempotencyLayer, IdempotencyStore, MemoryIdempotencyStore,
 };
 pub use crate::service::Retry;
