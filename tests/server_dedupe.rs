@@ -75,7 +75,7 @@ fn keyed(key: &'static str, input: &'static str) -> ToolCall {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_duplicates_run_once_and_share() {
     let tool = Tool::new(false);
     let svc = dedupe(&tool, layer());

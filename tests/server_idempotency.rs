@@ -189,7 +189,7 @@ async fn replay_is_identical_and_marked() {
     assert_eq!(app.effects.load(Ordering::SeqCst), 1);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_concurrent_duplicates_run_once() {
     let app = App {
         gated: Arc::new(AtomicBool::new(true)),
@@ -308,7 +308,7 @@ async fn principals_do_not_share_keys() {
     assert_eq!(app.effects.load(Ordering::SeqCst), 2);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_hangup_mid_handler_then_retry_gets_original() {
     let app = App {
         gated: Arc::new(AtomicBool::new(true)),
@@ -416,6 +416,39 @@ async fn results_expire_after_ttl() {
             .contains_key(IDEMPOTENT_REPLAYED)
     );
     assert_eq!(app.effects.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_handler_keeps_its_claim_past_the_lease() {
+    let app = App::default();
+    let effects = app.effects.clone();
+    let r = Router::new()
+        .route(
+            "/slow",
+            post(move || {
+                let effects = effects.clone();
+                async move {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                    format!("done {}", effects.fetch_add(1, Ordering::SeqCst) + 1)
+                }
+            }),
+        )
+        .layer(IdempotencyLayer::memory().lease(Duration::from_secs(3)));
+    let first = tokio::spawn({
+        let r = r.clone();
+        async move { body_of(call(&r, "/slow", "slow", "").await).await }
+    });
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Past the lease, but renewed: still in flight, not claimed by the duplicate.
+    assert_eq!(
+        call(&r, "/slow", "slow", "").await.status(),
+        StatusCode::CONFLICT
+    );
+    assert_eq!(first.await.unwrap(), "done 1");
+    let again = call(&r, "/slow", "slow", "").await;
+    assert_eq!(again.headers()[IDEMPOTENT_REPLAYED], "true");
+    assert_eq!(body_of(again).await, "done 1");
+    assert_eq!(app.effects.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
@@ -538,6 +571,13 @@ impl IdempotencyStore for BrokenStore {
         &self,
         _: &ScopedKey,
         _: Stored,
+        _: Duration,
+    ) -> Result<(), tower_retry_guard::budget::StoreError> {
+        Err(tower_retry_guard::budget::StoreError::new("down"))
+    }
+    async fn renew(
+        &self,
+        _: &ScopedKey,
         _: Duration,
     ) -> Result<(), tower_retry_guard::budget::StoreError> {
         Err(tower_retry_guard::budget::StoreError::new("down"))

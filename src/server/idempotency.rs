@@ -85,7 +85,7 @@ impl fmt::Debug for Config {
 /// Idempotency-Key draft's semantics). See the [module docs](super) for the rules.
 ///
 /// Defaults: header `Idempotency-Key`; a key required on `POST` and `PATCH`; results kept
-/// 24 h; claims leased for 5 minutes; request bodies up to 1 MiB; responses up to 1 MiB
+/// 24 h; claims leased for 60 s (renewed while the handler runs); request bodies up to 1 MiB; responses up to 1 MiB
 /// stored; 5xx responses stored; [`OversizedResponse::ReplayError`]; one global scope.
 #[derive(Clone, Debug)]
 pub struct IdempotencyLayer<St = MemoryIdempotencyStore> {
@@ -109,7 +109,7 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
                 header: IDEMPOTENCY_KEY,
                 required: vec![Method::POST, Method::PATCH],
                 ttl: Duration::from_secs(24 * 60 * 60),
-                lease: Duration::from_secs(5 * 60),
+                lease: Duration::from_secs(60),
                 max_request_body: 1 << 20,
                 max_response_body: 1 << 20,
                 store_server_errors: true,
@@ -142,9 +142,10 @@ impl<St: IdempotencyStore> IdempotencyLayer<St> {
         self.with(|c| c.ttl = ttl)
     }
 
-    /// How long a claim holds without a result (default 5 minutes). A claim older than this
-    /// counts as abandoned by a dead process and may be claimed by a retry, so make it longer
-    /// than the slowest handler. (A handler that panics releases its claim at once.)
+    /// How long a claim holds without a result or a renewal (default 60 s). The layer renews
+    /// the lease every third of it while the handler runs, so only a claim whose process died
+    /// (or lost the store for a whole lease) runs out and may be claimed by a retry. (A handler
+    /// that panics releases its claim at once.)
     pub fn lease(self, lease: Duration) -> Self {
         self.with(|c| c.lease = lease)
     }
@@ -340,6 +341,38 @@ where
     let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     let fingerprint = Fingerprint::of(&parts.method, path, &bytes);
 
+    // From here on, everything runs in a task of its own: a client that hangs up drops this
+    // future, not the claim nor the handler, which runs to the end and has its result stored.
+    let req = Request::from_parts(parts, B::from(bytes));
+    let task = tokio::spawn(claim_and_run(inner, store, config, key, fingerprint, req));
+    match task.await {
+        Ok(result) => result,
+        // Only when the runtime shuts down (panics are caught in the task).
+        Err(e) => {
+            tracing::error!(error = %e, "idempotent request task failed");
+            Ok(problem(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Request aborted",
+                "the request was aborted",
+            ))
+        }
+    }
+}
+
+async fn claim_and_run<S, St, B, ResBody>(
+    inner: S,
+    store: St,
+    config: Arc<Config>,
+    key: ScopedKey,
+    fingerprint: Fingerprint,
+    req: Request<B>,
+) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
+where
+    S: Service<Request<B>, Response = Response<ResBody>>,
+    St: IdempotencyStore,
+    ResBody: Body<Data = Bytes>,
+    ResBody::Error: Into<BoxError>,
+{
     match store.begin(&key, fingerprint, config.lease).await {
         Ok(Begin::Claimed) => {}
         Ok(Begin::InFlight) => {
@@ -376,22 +409,7 @@ where
         }
     }
 
-    // Claimed. The handler runs in its own task: a client that hangs up drops this future,
-    // not the handler, which runs to the end and has its result stored.
-    let req = Request::from_parts(parts, B::from(bytes));
-    let task = tokio::spawn(run(inner, store, config, key, req));
-    match task.await {
-        Ok(result) => result,
-        // Only when the runtime shuts down (panics are caught in the task).
-        Err(e) => {
-            tracing::error!(error = %e, "idempotent request task failed");
-            Ok(problem(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "Request aborted",
-                "the request was aborted",
-            ))
-        }
-    }
+    run(inner, store, config, key, req).await
 }
 
 enum Collected<B> {
@@ -469,11 +487,27 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let limit = config.max_response_body;
-    let outcome = CatchUnwind::new(async move {
+    let handler = CatchUnwind::new(async move {
         let res = inner.call(req).await?;
         Ok(collect(res, limit).await)
-    })
-    .await;
+    });
+    // Keep the claim alive while the handler runs: renew the lease every third of it, so a
+    // slow handler never looks abandoned (only a dead process stops renewing).
+    let every = (config.lease / 3).max(Duration::from_millis(10));
+    let mut renewals = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    renewals.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut handler = std::pin::pin!(handler);
+    // Ends when the handler does; each turn is one lease renewal.
+    let outcome = loop {
+        tokio::select! {
+            out = &mut handler => break out,
+            _ = renewals.tick() => {
+                if let Err(e) = store.renew(&key, config.lease).await {
+                    tracing::warn!(key = %key.key(), error = %e, "could not renew an idempotency lease");
+                }
+            }
+        }
+    };
 
     let collected = match outcome {
         Ok(Ok(collected)) => collected,

@@ -147,7 +147,8 @@ pub enum Begin {
 /// Each method is one atomic step, so a remote implementation is one round trip each (for
 /// Redis: one Lua script per call; `begin` reads the entry and, if absent or expired, writes
 /// `{in_flight, fingerprint}` with `PX lease`; `complete` writes `{done, fingerprint, stored}`
-/// with `PX ttl`; `release` deletes the entry only if it is still in flight). Use
+/// with `PX ttl`; `renew` sets `PX lease` on an entry still in flight; `release` deletes the
+/// entry only if it is still in flight). Use
 /// [`ScopedKey::storage_key`] as the remote key.
 pub trait IdempotencyStore: Clone + Send + Sync + 'static {
     /// Claims `key` for a request with `fingerprint`, unless it is held or done.
@@ -168,6 +169,14 @@ pub trait IdempotencyStore: Clone + Send + Sync + 'static {
         key: &ScopedKey,
         stored: Stored,
         ttl: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Extends an in-flight claim's lease to `lease` from now (the claimant is alive and
+    /// still working). A key that is done, or not held, is left alone.
+    fn renew(
+        &self,
+        key: &ScopedKey,
+        lease: Duration,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// Gives up a claim (the request did not finish), so a retry can run. A key that is done
@@ -357,6 +366,15 @@ impl IdempotencyStore for MemoryIdempotencyStore {
                 stored,
                 until: now + ttl,
             };
+        }
+        Ok(())
+    }
+
+    async fn renew(&self, key: &ScopedKey, lease: Duration) -> Result<(), StoreError> {
+        if let Some(mut entry) = self.inner.map.get_mut(key) {
+            if let Entry::InFlight { until, .. } = &mut *entry {
+                *until = Instant::now() + lease;
+            }
         }
         Ok(())
     }
