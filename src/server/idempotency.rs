@@ -206,6 +206,12 @@ impl<S, St: Clone> Layer<S> for IdempotencyLayer<St> {
 }
 
 /// The service made by [`IdempotencyLayer`].
+///
+/// A keyed request's body is read whole (to fingerprint it) and handed on rebuilt from
+/// [`Bytes`], so the request body type must implement `From<Bytes>` (axum's `Body`,
+/// `http_body_util::Full<Bytes>`, ...); under a bare hyper server, map `Incoming` into one of
+/// those first. Responses are [`IdempotencyBody`]: stored and replayed ones buffered, the rest
+/// streamed from the handler.
 #[derive(Clone, Debug)]
 pub struct Idempotency<S, St = MemoryIdempotencyStore> {
     inner: S,
