@@ -142,7 +142,7 @@ async fn scenario(
     });
     let mut router = tool_router(mailbox.clone());
     if dedupe {
-        router = router.layer(tower::layer::util::Identity::new()); // SERVER-LAYER
+        router = router.layer(tower_retry_guard::server::IdempotencyLayer::memory());
     }
     let base = serve(router).await?;
     let caller_saw = match call(base).await {

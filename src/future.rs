@@ -669,10 +669,6 @@ where
         .as_ref()
         .map(|o| o.as_str())
         .unwrap_or("call");
-    shared
-        .layer
-        .stats
-        .record_stop(call.op_key, || operation.to_owned(), kind, &reason);
     if call.attempts > 1 || reason != StopReason::NotRetryable {
         tracing::warn!(
             target: "tower_retry_guard",

@@ -100,6 +100,7 @@ mod policy;
 mod request;
 #[cfg(feature = "reqwest")]
 mod reqwest_impl;
+pub mod server;
 mod service;
 
 pub use crate::backoff::{Backoff, Jitter};
@@ -116,5 +117,8 @@ pub use crate::policy::{
 pub use crate::request::{
     CloneBody, HeaderNames, IdempotencyKey, InvalidKey, MAX_KEY_LEN, Operation, RequestView,
     RetryRequest, SideEffect, TaskId, UserId,
+};
+pub use crate::server::{
+    Dedupe, DedupeLayer, Idempotency, IdempotencyLayer, IdempotencyStore, MemoryIdempotencyStore,
 };
 pub use crate::service::Retry;

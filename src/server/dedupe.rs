@@ -1,0 +1,424 @@
+//! [`DedupeLayer`] / [`Dedupe`]: one execution per key for any `tower::Service`.
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as MapEntry;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tower::{Layer, Service};
+
+use super::CatchUnwind;
+use crate::request::IdempotencyKey;
+
+/// Reads the idempotency key of a request, if it has one. Implemented by closures
+/// `Fn(&Req) -> Option<IdempotencyKey>`.
+pub trait KeyFn<Req> {
+    /// The request's key; `None`: the request is not deduplicated.
+    fn key(&self, req: &Req) -> Option<IdempotencyKey>;
+}
+
+impl<Req, F> KeyFn<Req> for F
+where
+    F: Fn(&Req) -> Option<IdempotencyKey>,
+{
+    fn key(&self, req: &Req) -> Option<IdempotencyKey> {
+        self(req)
+    }
+}
+
+/// Why [`Dedupe`] gives no response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DedupeError<E> {
+    /// The inner service failed (the call for this key, maybe run for another caller).
+    Inner(E),
+    /// The call for this key did not finish: it panicked or its runtime shut down. The key is
+    /// free again, so a retry runs the call anew.
+    Aborted,
+    /// The layer tracks as many keys as it may; the call was not run.
+    Full,
+}
+
+impl<E> DedupeError<E> {
+    /// The inner service's error, if that is what this is.
+    pub fn into_inner(self) -> Option<E> {
+        match self {
+            DedupeError::Inner(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl<E: fmt::Display> fmt::Display for DedupeError<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DedupeError::Inner(e) => e.fmt(f),
+            DedupeError::Aborted => f.write_str("the deduplicated call did not finish"),
+            DedupeError::Full => f.write_str("too many deduplicated keys; the call was not run"),
+        }
+    }
+}
+
+impl<E> std::error::Error for DedupeError<E>
+where
+    E: std::error::Error + 'static,
+{
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DedupeError::Inner(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// A result shared between callers: a `Result<Res, DedupeError<E>>`, type-erased so the map
+/// needs not name the service's types.
+type Shared = Arc<dyn Any + Send + Sync>;
+
+enum Slot {
+    Running {
+        id: u64,
+        done: watch::Receiver<Option<Shared>>,
+    },
+    Done {
+        result: Shared,
+        until: Instant,
+    },
+}
+
+struct State {
+    map: DashMap<IdempotencyKey, Slot>,
+    next_id: AtomicU64,
+    epoch: Instant,
+    last_sweep: AtomicU64,
+}
+
+impl State {
+    fn maybe_sweep(&self, now: Instant, every: Duration) {
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let last = self.last_sweep.load(Ordering::Relaxed);
+        if ms.saturating_sub(last) >= every.as_millis() as u64
+            && self
+                .last_sweep
+                .compare_exchange(last, ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.map.retain(|_, slot| match slot {
+                Slot::Running { .. } => true,
+                Slot::Done { until, .. } => *until > now,
+            });
+        }
+    }
+
+    /// Drops the running slot `id` for `key` (not a newer one).
+    fn forget(&self, key: &IdempotencyKey, id: u64) {
+        self.map.remove_if(
+            key,
+            |_, slot| matches!(slot, Slot::Running { id: i, .. } if *i == id),
+        );
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Config {
+    ttl: Duration,
+    cache_errors: bool,
+    max_keys: usize,
+    sweep_every: Duration,
+}
+
+/// A layer that runs each keyed call of a service once: concurrent duplicates wait for the
+/// first and share its result, later ones (within the TTL) get the kept result.
+///
+/// The first call runs in a task of its own, so a caller that gives up (drops its future)
+/// does not cancel it: the result is kept for the retry. Requests without a key pass
+/// through.
+///
+/// The service's response and error must be `Clone` (every duplicate gets a copy); map them
+/// into an `Arc` first if they are not (`ServiceBuilder::map_response(Arc::new)`).
+///
+/// Defaults: results kept 24 h; errors shared only with concurrent duplicates, not kept
+/// ([`DedupeLayer::cache_errors`]); at most 100 000 keys (more: [`DedupeError::Full`], the
+/// call is not run); expired results swept every 60 s. Keys are compared as they are: scope
+/// them (by user, by task) when you make them. State lives in memory and is shared by the
+/// clones of one [`Dedupe`] (each [`Layer::layer`] call makes a new one).
+#[derive(Debug, Clone)]
+pub struct DedupeLayer<K> {
+    key: K,
+    config: Config,
+}
+
+impl<K> DedupeLayer<K> {
+    /// A layer reading each request's key with `key`.
+    pub fn new(key: K) -> Self {
+        DedupeLayer {
+            key,
+            config: Config {
+                ttl: Duration::from_secs(24 * 60 * 60),
+                cache_errors: false,
+                max_keys: 100_000,
+                sweep_every: Duration::from_secs(60),
+            },
+        }
+    }
+
+    /// How long a finished result is kept (default 24 h).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.config.ttl = ttl;
+        self
+    }
+
+    /// Whether errors are kept for later duplicates too (default `false`: a later retry runs
+    /// the call again, since a service error usually means no result was produced).
+    pub fn cache_errors(mut self, cache: bool) -> Self {
+        self.config.cache_errors = cache;
+        self
+    }
+
+    /// The most keys tracked at once (default 100 000).
+    pub fn max_keys(mut self, max: usize) -> Self {
+        self.config.max_keys = max;
+        self
+    }
+
+    /// How often expired results are swept from memory (default 60 s).
+    pub fn sweep_every(mut self, every: Duration) -> Self {
+        self.config.sweep_every = every;
+        self
+    }
+}
+
+impl<S, K: Clone> Layer<S> for DedupeLayer<K> {
+    type Service = Dedupe<S, K>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Dedupe {
+            inner,
+            key: self.key.clone(),
+            config: self.config,
+            state: Arc::new(State {
+                map: DashMap::new(),
+                next_id: AtomicU64::new(0),
+                epoch: Instant::now(),
+                last_sweep: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+/// The service made by [`DedupeLayer`]. Clones share their keys.
+#[derive(Clone)]
+pub struct Dedupe<S, K> {
+    inner: S,
+    key: K,
+    config: Config,
+    state: Arc<State>,
+}
+
+impl<S: fmt::Debug, K> fmt::Debug for Dedupe<S, K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Dedupe")
+            .field("inner", &self.inner)
+            .field("config", &self.config)
+            .field("keys", &self.state.map.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, K> Dedupe<S, K> {
+    /// Keys tracked now (running or kept), expired ones not yet swept included.
+    pub fn tracked_keys(&self) -> usize {
+        self.state.map.len()
+    }
+}
+
+/// The future of [`Dedupe`].
+pub struct DedupeFuture<R, E> {
+    inner: Pin<Box<dyn Future<Output = Result<R, DedupeError<E>>> + Send>>,
+}
+
+impl<R, E> fmt::Debug for DedupeFuture<R, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DedupeFuture").finish_non_exhaustive()
+    }
+}
+
+impl<R, E> Future for DedupeFuture<R, E> {
+    type Output = Result<R, DedupeError<E>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+enum Action {
+    Wait(watch::Receiver<Option<Shared>>),
+    Ready(Shared),
+    Lead(
+        u64,
+        watch::Sender<Option<Shared>>,
+        watch::Receiver<Option<Shared>>,
+    ),
+    Full,
+}
+
+/// Removes a running slot unless disarmed: the call panicked or its task was dropped.
+struct Guard {
+    state: Arc<State>,
+    key: IdempotencyKey,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if self.armed {
+            self.state.forget(&self.key, self.id);
+        }
+    }
+}
+
+impl<S, K, Req> Service<Req> for Dedupe<S, K>
+where
+    S: Service<Req> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Response: Clone + Send + Sync + 'static,
+    S::Error: Clone + Send + Sync + 'static,
+    K: KeyFn<Req>,
+    Req: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = DedupeError<S::Error>;
+    type Future = DedupeFuture<S::Response, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(DedupeError::Inner)
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        let Some(key) = self.key.key(&req) else {
+            let fut = self.inner.call(req);
+            return DedupeFuture {
+                inner: Box::pin(async move { fut.await.map_err(DedupeError::Inner) }),
+            };
+        };
+        let state = &self.state;
+        let now = Instant::now();
+        state.maybe_sweep(now, self.config.sweep_every);
+        let full = state.map.len() >= self.config.max_keys;
+        let lead = || {
+            let (tx, rx) = watch::channel(None);
+            let id = state.next_id.fetch_add(1, Ordering::Relaxed);
+            (id, tx, rx)
+        };
+        let action = match state.map.entry(key.clone()) {
+            MapEntry::Occupied(mut e) => match e.get() {
+                Slot::Running { done, .. } => Action::Wait(done.clone()),
+                Slot::Done { result, until } if *until > now => Action::Ready(result.clone()),
+                Slot::Done { .. } => {
+                    let (id, tx, rx) = lead();
+                    e.insert(Slot::Running {
+                        id,
+                        done: rx.clone(),
+                    });
+                    Action::Lead(id, tx, rx)
+                }
+            },
+            MapEntry::Vacant(_) if full => Action::Full,
+            MapEntry::Vacant(v) => {
+                let (id, tx, rx) = lead();
+                v.insert(Slot::Running {
+                    id,
+                    done: rx.clone(),
+                });
+                Action::Lead(id, tx, rx)
+            }
+        };
+
+        let inner = match action {
+            Action::Full => {
+                tracing::warn!(%key, "dedupe: too many keys tracked; call not run");
+                return DedupeFuture {
+                    inner: Box::pin(async { Err(DedupeError::Full) }),
+                };
+            }
+            Action::Ready(shared) => {
+                tracing::debug!(%key, "dedupe: replaying a kept result");
+                Box::pin(async move { unshare::<S::Response, S::Error>(Some(shared)) })
+                    as Pin<Box<dyn Future<Output = _> + Send>>
+            }
+            Action::Wait(rx) => {
+                tracing::debug!(%key, "dedupe: waiting for the running call");
+                Box::pin(wait::<S::Response, S::Error>(rx))
+            }
+            Action::Lead(id, tx, rx) => {
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                let guard = Guard {
+                    state: self.state.clone(),
+                    key,
+                    id,
+                    armed: true,
+                };
+                let config = self.config;
+                tokio::spawn(async move {
+                    let mut guard = guard;
+                    let Ok(result) = CatchUnwind::new(async move { inner.call(req).await }).await
+                    else {
+                        tracing::warn!(key = %guard.key, "dedupe: the call panicked; key released");
+                        return; // the guard frees the key; `tx` dropped: waiters see Aborted
+                    };
+                    let keep = result.is_ok() || config.cache_errors;
+                    let shared: Shared = Arc::new(result.map_err(DedupeError::Inner));
+                    if keep {
+                        if let Some(mut slot) = guard.state.map.get_mut(&guard.key) {
+                            if matches!(*slot, Slot::Running { id: i, .. } if i == guard.id) {
+                                *slot = Slot::Done {
+                                    result: shared.clone(),
+                                    until: Instant::now() + config.ttl,
+                                };
+                                guard.armed = false;
+                            }
+                        }
+                    }
+                    drop(guard); // frees the key unless the result was kept
+                    let _ = tx.send(Some(shared));
+                });
+                Box::pin(wait::<S::Response, S::Error>(rx))
+            }
+        };
+        DedupeFuture { inner }
+    }
+}
+
+async fn wait<R, E>(mut rx: watch::Receiver<Option<Shared>>) -> Result<R, DedupeError<E>>
+where
+    R: Clone + 'static,
+    E: Clone + 'static,
+{
+    let shared = match rx.wait_for(Option::is_some).await {
+        Ok(v) => v.clone(),
+        Err(_) => None,
+    };
+    unshare(shared)
+}
+
+fn unshare<R, E>(shared: Option<Shared>) -> Result<R, DedupeError<E>>
+where
+    R: Clone + 'static,
+    E: Clone + 'static,
+{
+    shared
+        .as_deref()
+        .and_then(|any| any.downcast_ref::<Result<R, DedupeError<E>>>())
+        .cloned()
+        .unwrap_or(Err(DedupeError::Aborted))
+}
