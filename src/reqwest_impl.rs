@@ -42,10 +42,11 @@ impl RetryRequest for reqwest::Request {
     }
 
     fn view(&self) -> RequestView<'_> {
-        let mut view = RequestView::default();
-        view.method = Some(self.method());
-        view.headers = Some(self.headers());
-        view
+        RequestView {
+            method: Some(self.method()),
+            headers: Some(self.headers()),
+            ..RequestView::default()
+        }
     }
 
     fn operation(&self) -> Option<Operation> {
