@@ -509,13 +509,17 @@ async fn every_failed_call_names_its_operation() {
         Some("GET /v1/models")
     );
 
-    // Retries off.
-    let mut svc = RetryLayer::new()
-        .policy(RetryPolicy::builder().max_retries(0).build().unwrap())
-        .budgets(Budgets::none())
+    // A connection error, not retryable by this classifier.
+    let mut svc = layer()
+        .classify(|r: &Result<Response<String>, io::Error>| match r {
+            Ok(_) => Outcome::Success,
+            Err(_) => Outcome::Fail {
+                kind: ErrorKind::Connect,
+            },
+        })
         .layer(scripted(log.clone(), Arc::new(|n| Err(io_err(n)))));
     let err = send(&mut svc, get("")).await.unwrap_err();
-    assert_eq!(err.reason(), &StopReason::Exhausted { max_retries: 0 });
+    assert_eq!(err.reason(), &StopReason::NotRetryable);
     assert_eq!(
         err.info().operation.as_ref().map(|o| o.as_str()),
         Some("GET /v1/models")
