@@ -80,12 +80,13 @@ impl Prepared {
             }
         }
         request.set_attempt(0, names);
+        let mut operation = None;
         let next = if layer.policy.max_retries() == 0 {
             None
         } else {
             let copy = request.try_clone();
             if copy.is_none() {
-                warn_unclonable(shared, &request);
+                operation = Some(warn_unclonable(shared, &request));
             }
             copy
         };
@@ -100,7 +101,7 @@ impl Prepared {
             last_kind: None,
             backoff: None,
             in_retry: false,
-            operation: None,
+            operation,
         };
         Ok((request, call))
     }
@@ -141,7 +142,8 @@ pub(crate) fn operation_of<Req: RetryRequest, C, H>(
     }
 }
 
-fn warn_unclonable<Req: RetryRequest, C, H>(shared: &Shared<C, H>, request: &Req) {
+/// Returns the operation's name: the request is gone once sent, and a failure must name it.
+fn warn_unclonable<Req: RetryRequest, C, H>(shared: &Shared<C, H>, request: &Req) -> Operation {
     let operation = operation_of(shared, request);
     // Warn once per service, then at debug: a streaming endpoint would flood the logs.
     if !shared.warned_unclonable.swap(true, Ordering::Relaxed) {
@@ -158,6 +160,7 @@ fn warn_unclonable<Req: RetryRequest, C, H>(shared: &Shared<C, H>, request: &Req
             "retries are off for this request: it cannot be cloned"
         );
     }
+    operation
 }
 
 pin_project! {
@@ -266,6 +269,9 @@ where
                         Outcome::Fail { kind } => {
                             if call.in_retry {
                                 shared.layer.budgets.on_retry_result(false);
+                            }
+                            if call.operation.is_none() {
+                                call.operation = call.next.as_ref().map(|r| operation_of(shared, r));
                             }
                             let reason = if kind == ErrorKind::GaveUp {
                                 StopReason::InnerGaveUp
