@@ -271,7 +271,8 @@ where
                                 shared.layer.budgets.on_retry_result(false);
                             }
                             if call.operation.is_none() {
-                                call.operation = call.next.as_ref().map(|r| operation_of(shared, r));
+                                call.operation =
+                                    call.next.as_ref().map(|r| operation_of(shared, r));
                             }
                             let reason = if kind == ErrorKind::GaveUp {
                                 StopReason::InnerGaveUp

@@ -143,12 +143,7 @@ async fn equal_jitter_keeps_half_the_backoff() {
 #[tokio::test(start_paused = true)]
 async fn decorrelated_jitter_grows_from_the_previous_delay() {
     let cap = Duration::from_secs(2);
-    let mut h = harness(policy(
-        6,
-        exp(ms(100), 2.0, cap),
-        Jitter::Decorrelated,
-        4,
-    ));
+    let mut h = harness(policy(6, exp(ms(100), 2.0, cap), Jitter::Decorrelated, 4));
     let mut firsts = Vec::new();
     for _ in 0..40 {
         let gaps = h.gaps().await;
@@ -167,12 +162,7 @@ async fn decorrelated_jitter_grows_from_the_previous_delay() {
 
 #[tokio::test(start_paused = true)]
 async fn proportional_jitter_stays_within_its_factor() {
-    let mut h = harness(policy(
-        4,
-        Backoff::default(),
-        Jitter::Proportional(0.2),
-        5,
-    ));
+    let mut h = harness(policy(4, Backoff::default(), Jitter::Proportional(0.2), 5));
     let mut firsts = Vec::new();
     for _ in 0..40 {
         let gaps = h.gaps().await;
@@ -250,8 +240,9 @@ async fn tower_backoff_maker_replays_the_same_jitter_for_every_backoff() {
     use tower::retry::backoff::{Backoff as _, ExponentialBackoffMaker, MakeBackoff};
     use tower::util::rng::HasherRng;
 
-    let mut maker = ExponentialBackoffMaker::new(ms(100), Duration::from_secs(10), 0.99, HasherRng::default())
-        .unwrap();
+    let mut maker =
+        ExponentialBackoffMaker::new(ms(100), Duration::from_secs(10), 0.99, HasherRng::default())
+            .unwrap();
     let mut first = maker.make_backoff();
     let mut second = maker.make_backoff();
     let now = Instant::now();

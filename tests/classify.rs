@@ -11,11 +11,11 @@ use proptest::prelude::*;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_retry_guard::classify::{Errors, classify_error};
+use tower_retry_guard::classify::{parse_retry_after, parse_retry_after_ms};
 use tower_retry_guard::{
     Backoff, Budgets, CallOutcome, Classify, ErrorKind, Jitter, LlmHttp, Outcome, RetryInfo,
     RetryLayer, RetryPolicy, StopReason,
 };
-use tower_retry_guard::classify::{parse_retry_after, parse_retry_after_ms};
 
 const MS: Duration = Duration::from_millis(1);
 
@@ -181,10 +181,7 @@ async fn client_errors_are_never_retried() {
         assert_eq!(start.elapsed(), Duration::ZERO);
         let info = info(&res);
         assert_eq!(info.last_error, Some(ErrorKind::ClientError));
-        assert_eq!(
-            info.outcome,
-            CallOutcome::Stopped(StopReason::NotRetryable)
-        );
+        assert_eq!(info.outcome, CallOutcome::Stopped(StopReason::NotRetryable));
     }
 }
 
@@ -353,7 +350,11 @@ async fn garbage_retry_after_falls_back_to_backoff() {
         b"1.2.3",
     ];
     for value in garbage {
-        assert_eq!(parse_retry_after(value, SystemTime::now()), None, "{value:?}");
+        assert_eq!(
+            parse_retry_after(value, SystemTime::now()),
+            None,
+            "{value:?}"
+        );
         assert_eq!(parse_retry_after_ms(value), None, "{value:?}");
         for header in ["retry-after", "retry-after-ms"] {
             let v = HeaderValue::from_bytes(value).unwrap();
@@ -377,7 +378,10 @@ fn valid_retry_after_values_parse() {
     assert_eq!(parse_retry_after(b"120", now), Some(secs(120)));
     assert_eq!(parse_retry_after(b" 7 ", now), Some(secs(7)));
     assert_eq!(parse_retry_after_ms(b"20"), Some(ms(20)));
-    assert_eq!(parse_retry_after_ms(b"0.5"), Some(Duration::from_micros(500)));
+    assert_eq!(
+        parse_retry_after_ms(b"0.5"),
+        Some(Duration::from_micros(500))
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -659,9 +663,8 @@ impl StdError for Wrapper {
 fn error_classifier_walks_the_source_chain() {
     let reset = Wrapper(io::Error::from(io::ErrorKind::ConnectionReset));
     assert_eq!(classify_error(&reset), Outcome::retry(ErrorKind::Connect));
-    let boxed: Box<dyn StdError + Send + Sync> = Box::new(Wrapper(io::Error::from(
-        io::ErrorKind::TimedOut,
-    )));
+    let boxed: Box<dyn StdError + Send + Sync> =
+        Box::new(Wrapper(io::Error::from(io::ErrorKind::TimedOut)));
     assert_eq!(
         Classify::<(), _>::classify(&Errors, &Err(boxed)),
         Outcome::retry(ErrorKind::Timeout)
@@ -714,16 +717,14 @@ async fn or_else_extends_the_preset_with_a_body_check() {
         _ => Outcome::Success,
     };
     let log = Log::default();
-    let l = layer()
-        .classify(LlmHttp.or_else(body_check))
-        .on_retry(
-            |req: &mut Request<String>,
-             _: &Result<Response<String>, io::Error>,
-             _: &tower_retry_guard::RetryContext| {
-                req.body_mut().push_str(" (answer in JSON)");
-                true
-            },
-        );
+    let l = layer().classify(LlmHttp.or_else(body_check)).on_retry(
+        |req: &mut Request<String>,
+         _: &Result<Response<String>, io::Error>,
+         _: &tower_retry_guard::RetryContext| {
+            req.body_mut().push_str(" (answer in JSON)");
+            true
+        },
+    );
     let mut svc = l.layer(scripted(
         log.clone(),
         Arc::new(|n| {

@@ -188,7 +188,11 @@ async fn an_existing_key_header_is_kept() {
         let keys = log.keys();
         assert_eq!(keys.len(), 3);
         for k in &keys {
-            assert_eq!(k.as_ref().unwrap(), value, "the caller's key, byte for byte");
+            assert_eq!(
+                k.as_ref().unwrap(),
+                value,
+                "the caller's key, byte for byte"
+            );
         }
         assert_eq!(info(&res).key.as_ref().unwrap().as_str(), "order-42-email");
     }
@@ -254,7 +258,10 @@ fn invalid_keys_cannot_be_constructed() {
         "ünï".to_string(),
     ] {
         let err: InvalidKey = IdempotencyKey::new(&bad).unwrap_err();
-        assert!(err.to_string().starts_with("invalid idempotency key"), "{err}");
+        assert!(
+            err.to_string().starts_with("invalid idempotency key"),
+            "{err}"
+        );
     }
 }
 
@@ -279,7 +286,9 @@ async fn side_effect_without_key_is_not_retried() {
     );
     assert!(info.key.is_none());
     assert!(
-        info.outcome.to_string().contains("POST /v1/tools/send_email"),
+        info.outcome
+            .to_string()
+            .contains("POST /v1/tools/send_email"),
         "{}",
         info.outcome
     );
@@ -590,9 +599,7 @@ impl RetryRequest for ToolCall {
 type ToolLog = Arc<Mutex<Vec<(Option<IdempotencyKey>, u32, String)>>>;
 
 /// Fails with a connection reset twice, then runs.
-fn tool(
-    log: ToolLog,
-) -> impl Service<ToolCall, Response = String, Error = io::Error> + Clone {
+fn tool(log: ToolLog) -> impl Service<ToolCall, Response = String, Error = io::Error> + Clone {
     tower::service_fn(move |call: ToolCall| {
         let n = {
             let mut l = log.lock().unwrap();

@@ -77,7 +77,15 @@ fn cap_below_the_first_delay_is_refused() {
 
 #[test]
 fn nan_negative_or_shrinking_multiplier_is_refused() {
-    for m in [f64::NAN, -2.0, 0.0, 0.5, 0.999, f64::INFINITY, f64::NEG_INFINITY] {
+    for m in [
+        f64::NAN,
+        -2.0,
+        0.0,
+        0.5,
+        0.999,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+    ] {
         let err = refused(
             RetryPolicy::builder().backoff(exp(ms(100), m, secs(1))),
             "backoff.multiplier",

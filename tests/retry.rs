@@ -129,7 +129,11 @@ async fn the_limit_returns_the_last_error() {
     let source = std::error::Error::source(&err).expect("source");
     assert_eq!(source.to_string(), "reset 3");
     let inner = err.into_inner().unwrap();
-    assert_eq!(inner.to_string(), "reset 3", "the last error, not the first");
+    assert_eq!(
+        inner.to_string(),
+        "reset 3",
+        "the last error, not the first"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -144,16 +148,14 @@ async fn error_inspection_decides_what_is_retried() {
     let log = Log::default();
     let mut svc = layer().classify(classify).layer(scripted(
         log.clone(),
-        Arc::new(|n| {
-            Err(io::Error::other(if n == 0 {
-                "retry me"
-            } else {
-                "fatal"
-            }))
-        }),
+        Arc::new(|n| Err(io::Error::other(if n == 0 { "retry me" } else { "fatal" }))),
     ));
     let err = send(&mut svc, get("")).await.unwrap_err();
-    assert_eq!(log.count(), 2, "retried once, then stopped on the fatal error");
+    assert_eq!(
+        log.count(),
+        2,
+        "retried once, then stopped on the fatal error"
+    );
     assert_eq!(err.reason(), &StopReason::NotRetryable);
     assert_eq!(err.into_inner().unwrap().to_string(), "fatal");
 }
@@ -371,8 +373,16 @@ async fn the_request_can_be_changed_between_attempts() {
     assert_eq!(
         *contexts.lock().unwrap(),
         vec![
-            (1, ErrorKind::Overloaded, Some(http::StatusCode::SERVICE_UNAVAILABLE)),
-            (2, ErrorKind::Overloaded, Some(http::StatusCode::SERVICE_UNAVAILABLE)),
+            (
+                1,
+                ErrorKind::Overloaded,
+                Some(http::StatusCode::SERVICE_UNAVAILABLE)
+            ),
+            (
+                2,
+                ErrorKind::Overloaded,
+                Some(http::StatusCode::SERVICE_UNAVAILABLE)
+            ),
         ]
     );
 }
@@ -391,7 +401,11 @@ async fn a_failing_response_on_the_last_attempt_is_returned_as_the_response() {
     ));
     let res = send(&mut svc, get("")).await.unwrap();
     assert_eq!(res.status(), 503);
-    assert_eq!(res.body(), "overloaded 3", "the last response, with its body");
+    assert_eq!(
+        res.body(),
+        "overloaded 3",
+        "the last response, with its body"
+    );
     assert_eq!(res.headers()["x-request-id"], "3");
     let info = info(&res);
     assert_eq!(info.attempts, 4);
