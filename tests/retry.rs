@@ -540,3 +540,119 @@ async fn every_failed_call_names_its_operation() {
     );
     assert!(err.to_string().contains("of `GET /v1/models`"), "{err}");
 }
+
+/// A request that counts its copies, and may refuse to be copied after `clones_left`.
+#[derive(Debug)]
+struct Counted {
+    clones: Arc<Mutex<u32>>,
+    clones_left: u32,
+}
+
+impl RetryRequest for Counted {
+    fn try_clone(&self) -> Option<Self> {
+        if self.clones_left == 0 {
+            return None;
+        }
+        *self.clones.lock().unwrap() += 1;
+        Some(Counted {
+            clones: self.clones.clone(),
+            clones_left: self.clones_left - 1,
+        })
+    }
+    fn side_effect(&self) -> SideEffect {
+        SideEffect::Idempotent
+    }
+    fn idempotency_key(&self, _: &HeaderNames) -> Result<Option<IdempotencyKey>, InvalidKey> {
+        Ok(None)
+    }
+    fn set_idempotency_key(&mut self, _: &IdempotencyKey, _: &HeaderNames) {}
+}
+
+fn counting_service(
+    calls: Arc<Mutex<u32>>,
+    fail_first: u32,
+) -> impl Service<Counted, Response = String, Error = io::Error> + Clone {
+    tower::service_fn(move |_req: Counted| {
+        let n = {
+            let mut c = calls.lock().unwrap();
+            *c += 1;
+            *c
+        };
+        std::future::ready(if n <= fail_first {
+            Err(io_err(n as usize))
+        } else {
+            Ok("ok".to_string())
+        })
+    })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_is_copied_once_per_attempt_that_may_follow() {
+    for (fail_first, want_calls, want_clones) in [
+        // Success at once: one copy (as tower's retry makes), kept for a retry.
+        (0, 1, 1),
+        // One retry: a copy for it, and one for the attempt after.
+        (1, 2, 2),
+        // Exhausted: copies for attempts 2, 3 and 4; none for a fifth that cannot happen.
+        (10, 4, 3),
+    ] {
+        let calls = Arc::new(Mutex::new(0));
+        let clones = Arc::new(Mutex::new(0));
+        let mut svc = layer()
+            .classify(tower_retry_guard::classify::Errors)
+            .layer(counting_service(calls.clone(), fail_first));
+        let req = Counted {
+            clones: clones.clone(),
+            clones_left: u32::MAX,
+        };
+        let _ = send(&mut svc, req).await;
+        assert_eq!(
+            *calls.lock().unwrap(),
+            want_calls,
+            "fail_first={fail_first}"
+        );
+        assert_eq!(
+            *clones.lock().unwrap(),
+            want_clones,
+            "fail_first={fail_first}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_request_that_stops_being_cloneable_stops_retrying() {
+    let calls = Arc::new(Mutex::new(0));
+    let clones = Arc::new(Mutex::new(0));
+    let mut svc = layer()
+        .classify(tower_retry_guard::classify::Errors)
+        .layer(counting_service(calls.clone(), 10));
+    let req = Counted {
+        clones: clones.clone(),
+        clones_left: 1,
+    };
+    let err = send(&mut svc, req).await.unwrap_err();
+    assert_eq!(*calls.lock().unwrap(), 2);
+    assert_eq!(err.reason(), &StopReason::NotCloneable);
+    assert_eq!(err.attempts(), 2);
+    assert_eq!(err.into_inner().unwrap().to_string(), "reset 2");
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_info_is_attached_after_a_retry_even_when_off_on_success() {
+    let log = Log::default();
+    let mut svc = layer().info_on_success(false).layer(scripted(
+        log.clone(),
+        Arc::new(|n| Ok(status(if n == 1 { 503 } else { 200 }, ""))),
+    ));
+    let first = send(&mut svc, get("")).await.unwrap();
+    assert!(first.extensions().get::<RetryInfo>().is_none());
+    let start = Instant::now();
+    let second = send(&mut svc, get("")).await.unwrap();
+    let info = info(&second);
+    assert_eq!(info.outcome, CallOutcome::Recovered);
+    assert_eq!(info.attempts, 2);
+    // Elapsed and total delay are the virtual time of the call.
+    assert_eq!(info.elapsed, start.elapsed());
+    assert!(info.total_delay >= ms(50) && info.total_delay <= ms(100));
+    assert!(info.elapsed >= info.total_delay);
+}
