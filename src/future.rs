@@ -360,7 +360,7 @@ where
                     let names = &this.shared.layer.names;
                     request.set_attempt(call.attempts, names);
                     // Keep a copy for the attempt after this one, if one is allowed.
-                    if call.attempts <= this.shared.layer.policy.max_retries() {
+                    if call.attempts < this.shared.layer.policy.max_retries() {
                         call.next = request.try_clone();
                     }
                     call.attempts += 1;
