@@ -148,8 +148,10 @@ impl CallBackoff {
                 } else {
                     0.0
                 };
-                let factor = 1.0 - f + 2.0 * f * self.rng.random::<f64>();
-                base.mul_f64(factor.max(0.0)).min(cap)
+                let factor = (1.0 - f + 2.0 * f * self.rng.random::<f64>()).max(0.0);
+                // Not `mul_f64`: it panics when the product overflows a Duration (a base at
+                // a huge cap times a factor above 1); the cap bounds the delay anyway.
+                Duration::try_from_secs_f64(base.as_secs_f64() * factor).map_or(cap, |d| d.min(cap))
             }
         };
         self.previous = delay;

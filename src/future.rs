@@ -91,12 +91,13 @@ impl Prepared {
             }
         }
         request.set_attempt(0, names);
+        let mut operation = None;
         let next = if layer.policy.max_retries() == 0 {
             None
         } else {
             let copy = request.try_clone();
             if copy.is_none() {
-                warn_unclonable(shared, &request);
+                operation = Some(warn_unclonable(shared, &request));
             }
             copy
         };
@@ -127,7 +128,7 @@ impl Prepared {
             last_kind: None,
             backoff: None,
             in_retry: false,
-            operation: None,
+            operation,
             op_key,
             span,
         };
@@ -190,7 +191,8 @@ fn op_key_of<Req: RetryRequest, C, H>(shared: &Shared<C, H>, request: &Req) -> O
     }
 }
 
-fn warn_unclonable<Req: RetryRequest, C, H>(shared: &Shared<C, H>, request: &Req) {
+/// Returns the operation's name: the request is gone once sent, and a failure must name it.
+fn warn_unclonable<Req: RetryRequest, C, H>(shared: &Shared<C, H>, request: &Req) -> Operation {
     let operation = operation_of(shared, request);
     // Warn once per service, then at debug: a streaming endpoint would flood the logs.
     if !shared.warned_unclonable.swap(true, Ordering::Relaxed) {
@@ -207,6 +209,7 @@ fn warn_unclonable<Req: RetryRequest, C, H>(shared: &Shared<C, H>, request: &Req
             "retries are off for this request: it cannot be cloned"
         );
     }
+    operation
 }
 
 pin_project! {
@@ -317,6 +320,10 @@ where
                             if call.in_retry {
                                 shared.layer.budgets.on_retry_result(false);
                             }
+                            if call.operation.is_none() {
+                                call.operation =
+                                    call.next.as_ref().map(|r| operation_of(shared, r));
+                            }
                             let reason = if kind == ErrorKind::GaveUp {
                                 StopReason::InnerGaveUp
                             } else {
@@ -403,7 +410,7 @@ where
                     let names = &this.shared.layer.names;
                     request.set_attempt(call.attempts, names);
                     // Keep a copy for the attempt after this one, if one is allowed.
-                    if call.attempts <= this.shared.layer.policy.max_retries() {
+                    if call.attempts < this.shared.layer.policy.max_retries() {
                         call.next = request.try_clone();
                     }
                     call.attempts += 1;
