@@ -18,7 +18,6 @@
 //! Goals for this crate's row: at most 1.1 attempts per call in the outage, at least 90% of
 //! calls succeeding at 50% failure, at least 99.9% at 10%.
 
-
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,7 +28,7 @@ use rand::{Rng, SeedableRng};
 use tower::retry::Policy;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Layer, Service, ServiceExt};
-use tower_retry_guard::RetryLayer;
+use tower_retry_guard::{CallOutcome, RetryInfo, RetryLayer, StopReason};
 
 const CALLS: u64 = 2_000;
 const SPREAD: Duration = Duration::from_secs(200);
@@ -166,6 +165,8 @@ impl Strategy {
 struct Row {
     attempts_per_call: f64,
     success: f64,
+    /// Calls whose retries a budget stopped (this crate only: it says so).
+    denied: Option<u64>,
 }
 
 /// Runs one scenario in a fresh paused runtime.
@@ -179,6 +180,7 @@ fn run(p: f64, strategy: Strategy) -> std::io::Result<Row> {
         let guard = RetryLayer::new().layer(provider.clone());
         let budget = Arc::new(TpsBudget::default());
         let succeeded = Arc::new(AtomicU64::new(0));
+        let denied = Arc::new(AtomicU64::new(0));
         let mut arrivals = SmallRng::seed_from_u64(ARRIVAL_SEED);
         let mut tasks = Vec::with_capacity(CALLS as usize);
         for i in 0..CALLS {
@@ -187,6 +189,7 @@ fn run(p: f64, strategy: Strategy) -> std::io::Result<Row> {
             let guard = guard.clone();
             let budget = budget.clone();
             let succeeded = succeeded.clone();
+            let denied = denied.clone();
             tasks.push(tokio::spawn(async move {
                 tokio::time::sleep(start).await;
                 let mut rng = SmallRng::seed_from_u64(i);
@@ -217,9 +220,19 @@ fn run(p: f64, strategy: Strategy) -> std::io::Result<Row> {
                         let svc = tower::retry::Retry::new(policy, provider);
                         matches!(svc.oneshot(request()).await, Ok(r) if r.status().is_success())
                     }
-                    Strategy::Guard => {
-                        matches!(guard.oneshot(request()).await, Ok(r) if r.status().is_success())
-                    }
+                    Strategy::Guard => match guard.oneshot(request()).await {
+                        Ok(r) => {
+                            if let Some(info) = r.extensions().get::<RetryInfo>() {
+                                if let CallOutcome::Stopped(StopReason::Budget { .. }) =
+                                    info.outcome
+                                {
+                                    denied.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            r.status().is_success()
+                        }
+                        Err(_) => false,
+                    },
                 };
                 if ok {
                     succeeded.fetch_add(1, Ordering::Relaxed);
@@ -232,6 +245,10 @@ fn run(p: f64, strategy: Strategy) -> std::io::Result<Row> {
         Row {
             attempts_per_call: provider.attempts.load(Ordering::Relaxed) as f64 / CALLS as f64,
             success: succeeded.load(Ordering::Relaxed) as f64 / CALLS as f64,
+            denied: match strategy {
+                Strategy::Guard => Some(denied.load(Ordering::Relaxed)),
+                _ => None,
+            },
         }
     }))
 }
@@ -244,8 +261,8 @@ fn main() -> std::io::Result<()> {
         LATENCY.as_millis()
     );
     println!(
-        "{:<20} {:<36} {:>14} {:>9}",
-        "failure", "strategy", "attempts/call", "success"
+        "{:<20} {:<36} {:>14} {:>9} {:>18}",
+        "failure", "strategy", "attempts/call", "success", "stopped by budget"
     );
     for (label, p) in [
         ("100% (outage)", 1.0),
@@ -255,11 +272,12 @@ fn main() -> std::io::Result<()> {
         for strategy in [Strategy::Naive, Strategy::TowerTps, Strategy::Guard] {
             let row = run(p, strategy)?;
             println!(
-                "{:<20} {:<36} {:>14.3} {:>8.2}%",
+                "{:<20} {:<36} {:>14.3} {:>8.2}% {:>18}",
                 label,
                 strategy.name(),
                 row.attempts_per_call,
-                row.success * 100.0
+                row.success * 100.0,
+                row.denied.map_or("-".to_owned(), |d| d.to_string())
             );
         }
         println!();

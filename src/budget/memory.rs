@@ -428,7 +428,10 @@ mod tests {
                 ttl: Duration::from_secs(60),
             },
         );
-        assert_eq!(s.draw(&[task.clone(), user.clone()]).await, Ok(Grant::Granted));
+        assert_eq!(
+            s.draw(&[task.clone(), user.clone()]).await,
+            Ok(Grant::Granted)
+        );
         // The user refuses: the task's draw is given back.
         assert!(matches!(
             s.draw(&[task.clone(), user.clone()]).await,
@@ -437,7 +440,10 @@ mod tests {
                 ..
             })
         ));
-        assert_eq!(s.draw(&[task.clone()]).await, Ok(Grant::Granted));
+        assert_eq!(
+            s.draw(std::slice::from_ref(&task)).await,
+            Ok(Grant::Granted)
+        );
         assert!(matches!(
             s.draw(&[task]).await,
             Ok(Grant::Denied {

@@ -25,10 +25,10 @@ pub struct RatioConfig {
     /// The sliding window over which calls and retries are counted (default 10 s; moves
     /// in steps of a tenth of it).
     pub window: Duration,
-    /// Retries always allowed per window while no retry in the window has failed
-    /// (default 3): lets a quiet process retry at all. It is a minimum, not added to the
-    /// ratio, and it lapses as soon as a retry fails, so it does not raise the outage
-    /// ratio.
+    /// Retries always allowed per window, less one for each retry in the window that
+    /// failed (default 3): lets a quiet process retry at all. It is a minimum, not added to
+    /// the ratio, and it runs out as retries are seen failing, so it does not raise the
+    /// outage ratio.
     pub floor: u32,
     /// Retries earned by each retry that succeeded (default 3.0): a retry that works pays
     /// for itself and two more, so the ratio opens up while retries work (at least a third
@@ -83,6 +83,14 @@ fn live(e: u32, now: u32) -> bool {
     behind < BUCKETS || ahead < BUCKETS
 }
 
+/// Whether a bucket labelled `label` is the bucket of `epoch` (or, after a stall of a whole
+/// window, of a later epoch) rather than an older one to start afresh. A bucket's only
+/// right label is the epoch it is used for: a label merely inside the window belongs to
+/// another turn of the ring.
+fn current(label: u32, epoch: u32) -> bool {
+    label.wrapping_sub(epoch) < u32::MAX / 2
+}
+
 impl Ring {
     fn new() -> Self {
         Ring(std::array::from_fn(|_| AtomicU64::new(0)))
@@ -98,20 +106,19 @@ impl Ring {
     fn add(&self, epoch: u32) {
         let slot = self.slot(epoch);
         let before = slot.fetch_add(1, Ordering::Relaxed);
-        if live(epoch_of(before), epoch) {
+        if current(epoch_of(before), epoch) {
             return;
         }
         // The bucket held an old epoch: our increment went into a dead count. Start it
         // afresh, or join whoever already did.
         let mut current = slot.load(Ordering::Relaxed);
         for _ in 0..MAX_CAS_TURNS {
-            let next = if live(epoch_of(current), epoch) {
+            let next = if self::current(epoch_of(current), epoch) {
                 current.wrapping_add(1)
             } else {
                 pack(epoch, 1)
             };
-            match slot.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed)
-            {
+            match slot.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed) {
                 Ok(_) => return,
                 Err(actual) => current = actual,
             }
@@ -125,13 +132,12 @@ impl Ring {
         let slot = self.slot(epoch);
         let mut current = slot.load(Ordering::Acquire);
         for _ in 0..MAX_CAS_TURNS {
-            let (next, dead) = if live(epoch_of(current), epoch) {
+            let (next, dead) = if self::current(epoch_of(current), epoch) {
                 (current.wrapping_add(1), 0)
             } else {
                 (pack(epoch, 1), count_of(current))
             };
-            match slot.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire)
-            {
+            match slot.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => return Some(dead),
                 Err(actual) => current = actual,
             }
@@ -167,7 +173,7 @@ impl Ring {
 /// one more retry is granted when
 ///
 /// ```text
-/// R + 1 <= max( floor if F == 0 else 0,
+/// R + 1 <= max( floor - F,
 ///               min( ratio * C + success_credit * S,  max_ratio * C ) )
 /// ```
 ///
@@ -175,8 +181,9 @@ impl Ring {
 ///
 /// - **Retries fail (outage).** `S = 0`, so `R <= 0.1 * C`: at most 1.1 attempts per call,
 ///   the SRE book's figure. The floor does not add to it: it is a `max`, not a sum, and it
-///   only holds while no retry in the window has failed, so it lets a quiet process retry
-///   at all but is gone as soon as retries are seen failing.
+///   shrinks by one for every retry seen failing in the window, so it lets a quiet process
+///   retry at all (a lone call may still make its retries while they have not failed more
+///   than `floor` times) but is gone once retries are seen failing.
 /// - **Retries work.** A retry that succeeds pays for itself and for two more: the
 ///   allowance grows by 3 for each, so when at least a third of the retries succeed the
 ///   allowance outgrows what is spent and only `max_ratio` (1.5 retries per call, i.e. at
@@ -300,11 +307,7 @@ impl RetryRatio {
         let failed = self.failed.sum(epoch);
         let earned = self.ratio * calls + self.credit * succeeded;
         let capped = earned.min(self.max_ratio * calls);
-        let floor = if failed == 0 {
-            u128::from(self.config.floor) * SCALE
-        } else {
-            0
-        };
+        let floor = u128::from(u64::from(self.config.floor).saturating_sub(failed)) * SCALE;
         capped.max(floor)
     }
 
@@ -395,7 +398,7 @@ impl RetryRatio {
         let c = &self.config;
         format!(
             "retries <= {} x calls + {} x succeeded retries, at most {} x calls (floor {} \
-             until a retry fails) over {:?}; now {}",
+             less failed retries) over {:?}; now {}",
             self.ratio as f64 / SCALE as f64,
             self.credit as f64 / SCALE as f64,
             self.max_ratio as f64 / SCALE as f64,
@@ -441,7 +444,7 @@ mod tests {
         assert!(r.try_withdraw());
         assert!(r.try_withdraw());
         r.record_retry_result(false);
-        // 0.1 x 1 call < 3 retries taken, and the floor lapsed.
+        // 0.1 x 1 call < 3 retries taken, and the floor is down to 3 - 1.
         assert!(!r.try_withdraw());
     }
 
@@ -489,6 +492,19 @@ mod tests {
         r.deposit();
         r.deposit();
         assert!(r.try_withdraw());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_window_buckets_are_labelled_with_their_epoch() {
+        let r = RetryRatio::new(config(0.1, 0));
+        // One call a second for 10 s: the calls of seconds 1..9 still count at second 10.
+        for _ in 0..10 {
+            for _ in 0..10 {
+                r.deposit();
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(r.calls.sum(r.epoch()), 90);
     }
 
     #[test]
