@@ -1,69 +1,472 @@
-//! The in-memory budget store. (Interim version: one mutex; replaced by the DashMap one.)
+//! The in-memory budget store: per-task and per-user budgets of one process, on DashMap.
+//!
+//! # Layout
+//!
+//! A key (scope + id) is stored as a 128-bit keyed hash (two SipHash-1-3 hashes with
+//! random keys per store), not as a string: no allocation per key, 16 bytes instead of the
+//! id. Two ids collide with a probability of about n²/2¹²⁹ (10⁻²⁶ for a million keys), and
+//! the random keys make collisions impossible to aim for. Each entry is the hash and a
+//! 24-byte state (a `Mutex` around the count and a deadline) — 40 bytes in the table, about
+//! 45–95 bytes per tracked key with the table's free slots (measured by
+//! `tests/budget_memory.rs`).
+//!
+//! # Limits
+//!
+//! - [`Limit::Count`]: a count and a deadline `ttl` after the last granted draw; past the
+//!   deadline the count starts again from zero.
+//! - [`Limit::Rate`]: GCRA, the exact equivalent of a token bucket. The state is the
+//!   "theoretical arrival time" `tat`; a draw is granted when `max(tat, now) + T - now <=
+//!   burst * T` (with `T = per / tokens`), and `tat` moves to `max(tat, now) + T`. The bucket
+//!   is full again once `tat <= now`.
+//!
+//! Both keep one deadline: past it, the key holds nothing worth keeping.
+//!
+//! # All or nothing, no deadlock
+//!
+//! A call draws from at most two keys (task, user). They are taken one after the other,
+//! each under its own entry's lock, and **no lock is ever held while another is taken**:
+//! there is no lock order to get wrong, so draws on the same keys in opposite orders (or on
+//! keys of one shard) cannot deadlock. If a later key refuses, the earlier ones are given
+//! back before the answer returns, so the outcome is all or nothing. For the instant between
+//! the take and the give-back, a concurrent draw on the earlier key may see it one lower and
+//! be refused: a conservative error, never an overdraw.
+//!
+//! # Eviction
+//!
+//! - Lazy: a draw on a key past its deadline starts it afresh.
+//! - Sweep: the map is split in 32 DashMaps; every 64th draw, or the first
+//!   draw 100 ms after the last sweep, removes the dead entries of the *next* partition
+//!   (and shrinks it if it is mostly empty). The work of one sweep is a 1/32 share of the
+//!   map, and the whole map is swept every 32 sweeps, so memory follows the number of keys
+//!   active within their TTL. [`MemoryStore::evict_expired`] sweeps everything at once.
 
-use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use dashmap::DashMap;
 use tokio::time::Instant;
 
 use super::{BudgetStore, Draw, Grant, Limit, Scope, StoreError};
 
-/// Budgets in this process's memory.
-#[derive(Debug, Clone, Default)]
+/// The map is split into this many DashMaps, swept one at a time.
+pub(crate) const PARTITIONS: usize = 32;
+/// Shards of each partition's DashMap.
+const SHARDS: usize = 4;
+/// A sweep runs every this many draws...
+const SWEEP_EVERY_DRAWS: u64 = 64;
+/// ... or on the first draw this long after the last sweep.
+const SWEEP_EVERY_NANOS: u64 = 100_000_000;
+
+/// A key: the 128-bit keyed hash of scope and id.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Key {
+    lo: u64,
+    hi: u64,
+}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Already a keyed hash: the map needs no second one.
+        state.write_u64(self.lo);
+    }
+}
+
+/// Passes a `u64` through (keys are already keyed hashes).
+#[derive(Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by `Key`; a plain FNV-1a so that any input still hashes.
+        for b in bytes {
+            self.0 = (self.0 ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+const KIND_COUNT: u8 = 1;
+const KIND_RATE: u8 = 2;
+
+/// One key's state.
+#[derive(Clone, Copy)]
+struct Slot {
+    /// Nanoseconds since the store's start: the count's expiry ([`Limit::Count`]) or the
+    /// theoretical arrival time ([`Limit::Rate`]). The key is dead once `until <= now`.
+    until: u64,
+    /// Draws counted ([`Limit::Count`]).
+    count: u32,
+    /// Which limit wrote it (a key whose limit changed kind starts afresh).
+    kind: u8,
+}
+
+impl Slot {
+    const EMPTY: Slot = Slot {
+        until: 0,
+        count: 0,
+        kind: 0,
+    };
+}
+
+type Entry = Mutex<Slot>;
+type Partition = DashMap<Key, Entry, BuildHasherDefault<PassThrough>>;
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The rate limit's emission interval `T` and tolerance `burst * T`, in nanoseconds.
+fn gcra(tokens: u32, per: Duration, burst: u32) -> (u64, u64) {
+    let t = if tokens == 0 {
+        // Never refills: an interval beyond any lifetime.
+        u64::MAX / 4
+    } else {
+        (nanos(per) / u64::from(tokens)).max(1)
+    };
+    (t, t.saturating_mul(u64::from(burst)))
+}
+
+/// Takes one draw from `slot` at `now`, or says when one may be possible.
+fn take(slot: &mut Slot, limit: Limit, now: u64) -> Result<(), Option<Duration>> {
+    match limit {
+        Limit::Count { max, ttl } => {
+            if slot.kind != KIND_COUNT || slot.until <= now {
+                *slot = Slot {
+                    until: now,
+                    count: 0,
+                    kind: KIND_COUNT,
+                };
+            }
+            if slot.count >= max {
+                let wait = Duration::from_nanos(slot.until.saturating_sub(now));
+                return Err((max > 0).then_some(wait));
+            }
+            slot.count += 1;
+            slot.until = now.saturating_add(nanos(ttl)).max(now.saturating_add(1));
+            Ok(())
+        }
+        Limit::Rate { tokens, per, burst } => {
+            if slot.kind != KIND_RATE {
+                *slot = Slot {
+                    until: now,
+                    count: 0,
+                    kind: KIND_RATE,
+                };
+            }
+            let (t, tolerance) = gcra(tokens, per, burst);
+            let next = slot.until.max(now).saturating_add(t);
+            let ahead = next - now;
+            if burst == 0 || ahead > tolerance {
+                let wait = Duration::from_nanos(ahead - tolerance.min(ahead));
+                return Err((burst > 0 && tokens > 0).then_some(wait));
+            }
+            slot.until = next;
+            Ok(())
+        }
+    }
+}
+
+/// Gives back a draw taken by [`take`].
+fn give_back(slot: &mut Slot, limit: Limit) {
+    match limit {
+        Limit::Count { .. } if slot.kind == KIND_COUNT => {
+            // The extended deadline stays: a key kept a little longer is harmless.
+            slot.count = slot.count.saturating_sub(1);
+        }
+        Limit::Rate { tokens, per, burst } if slot.kind == KIND_RATE => {
+            let (t, _) = gcra(tokens, per, burst);
+            slot.until = slot.until.saturating_sub(t);
+        }
+        _ => {}
+    }
+}
+
+struct Inner {
+    parts: Box<[Partition]>,
+    hash_lo: std::hash::RandomState,
+    hash_hi: std::hash::RandomState,
+    start: Instant,
+    draws: AtomicU64,
+    last_sweep: AtomicU64,
+    cursor: AtomicUsize,
+}
+
+/// Budgets in this process's memory: a sharded, concurrent map of small entries, swept of
+/// idle keys as it is used. See the [module docs](self) for the layout, the all-or-nothing
+/// rule and eviction.
+///
+/// Clones share the map.
+#[derive(Clone)]
 pub struct MemoryStore {
-    #[allow(clippy::type_complexity)]
-    inner: Arc<Mutex<HashMap<(Scope, String), (f64, Instant)>>>,
+    inner: Arc<Inner>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new()
+    }
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("keys", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock(entry: &Entry) -> std::sync::MutexGuard<'_, Slot> {
+    // A panic cannot happen while the lock is held (plain arithmetic), but a poisoned
+    // lock still holds a valid slot.
+    entry.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
-        MemoryStore::default()
+        let parts = (0..PARTITIONS)
+            .map(|_| Partition::with_hasher_and_shard_amount(Default::default(), SHARDS))
+            .collect();
+        MemoryStore {
+            inner: Arc::new(Inner {
+                parts,
+                hash_lo: std::hash::RandomState::new(),
+                hash_hi: std::hash::RandomState::new(),
+                start: Instant::now(),
+                draws: AtomicU64::new(0),
+                last_sweep: AtomicU64::new(0),
+                cursor: AtomicUsize::new(0),
+            }),
+        }
+    }
+
+    /// Keys tracked, dead ones not yet swept included.
+    pub fn len(&self) -> usize {
+        self.inner.parts.iter().map(|p| p.len()).sum()
+    }
+
+    /// Whether no key is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.inner.parts.iter().all(|p| p.is_empty())
+    }
+
+    /// Removes every dead key now (the whole map: O(keys)); returns how many. Draws already
+    /// sweep a share of the map as they go, so this is rarely needed.
+    pub fn evict_expired(&self) -> usize {
+        let now = self.now();
+        (0..PARTITIONS).map(|i| self.sweep(i, now)).sum()
+    }
+
+    fn now(&self) -> u64 {
+        nanos(Instant::now().saturating_duration_since(self.inner.start))
+    }
+
+    fn key(&self, scope: Scope, id: &str) -> Key {
+        let hash = |s: &std::hash::RandomState| {
+            let mut h = s.build_hasher();
+            scope.hash(&mut h);
+            id.hash(&mut h);
+            h.finish()
+        };
+        Key {
+            lo: hash(&self.inner.hash_lo),
+            hi: hash(&self.inner.hash_hi),
+        }
+    }
+
+    fn part(&self, key: Key) -> &Partition {
+        &self.inner.parts[(key.hi % PARTITIONS as u64) as usize]
+    }
+
+    /// Takes one draw on `key`; never holds more than one lock.
+    fn take_one(&self, key: Key, limit: Limit, now: u64) -> Result<(), Option<Duration>> {
+        let part = self.part(key);
+        if let Some(entry) = part.get(&key) {
+            return take(&mut lock(&entry), limit, now);
+        }
+        // A new key: decide on a fresh slot first, so that a refusal inserts nothing.
+        let mut fresh = Slot::EMPTY;
+        take(&mut fresh, limit, now)?;
+        let entry = part.entry(key).or_insert_with(|| Mutex::new(Slot::EMPTY));
+        let mut slot = lock(&entry);
+        if slot.kind == 0 {
+            *slot = fresh;
+            Ok(())
+        } else {
+            // Someone else inserted it in between: draw on theirs.
+            take(&mut slot, limit, now)
+        }
+    }
+
+    fn give_back_one(&self, key: Key, limit: Limit) {
+        if let Some(entry) = self.part(key).get(&key) {
+            give_back(&mut lock(&entry), limit);
+        }
+    }
+
+    /// Counts a draw, and sweeps the next partition when one is due.
+    fn maybe_sweep(&self, now: u64) {
+        let inner = &self.inner;
+        let n = inner.draws.fetch_add(1, Ordering::Relaxed);
+        let last = inner.last_sweep.load(Ordering::Relaxed);
+        let due = n % SWEEP_EVERY_DRAWS == SWEEP_EVERY_DRAWS - 1
+            || now.saturating_sub(last) >= SWEEP_EVERY_NANOS;
+        if !due {
+            return;
+        }
+        // One sweeper per period: whoever moves `last_sweep` sweeps.
+        if inner
+            .last_sweep
+            .compare_exchange(last, now.max(last), Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return;
+        }
+        let i = inner.cursor.fetch_add(1, Ordering::Relaxed) % PARTITIONS;
+        self.sweep(i, now);
+    }
+
+    /// Removes the dead entries of partition `i`; returns how many.
+    fn sweep(&self, i: usize, now: u64) -> usize {
+        let Some(part) = self.inner.parts.get(i) else {
+            return 0;
+        };
+        let before = part.len();
+        part.retain(|_, entry| {
+            let slot = entry.get_mut().unwrap_or_else(|p| p.into_inner());
+            slot.until > now
+        });
+        let after = part.len();
+        if part.capacity() > 64 && after * 4 < part.capacity() {
+            part.shrink_to_fit();
+        }
+        before.saturating_sub(after)
     }
 }
 
 impl BudgetStore for MemoryStore {
     async fn draw(&self, draws: &[Draw]) -> Result<Grant, StoreError> {
-        let now = Instant::now();
-        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = Vec::with_capacity(draws.len());
-        for d in draws {
-            let entry = map.get(&(d.scope, d.key.clone())).copied();
-            let value = match d.limit {
-                Limit::Count { max, ttl } => {
-                    let used = match entry {
-                        Some((u, at)) if now.duration_since(at) < ttl => u,
-                        _ => 0.0,
-                    };
-                    if used + 1.0 > max as f64 {
-                        return Ok(Grant::Denied {
-                            scope: d.scope,
-                            retry_in: None,
-                        });
-                    }
-                    used + 1.0
+        let now = self.now();
+        self.maybe_sweep(now);
+        // Bounded by the draws of one call (at most one per scope).
+        for (i, d) in draws.iter().enumerate() {
+            let key = self.key(d.scope, &d.key);
+            if let Err(retry_in) = self.take_one(key, d.limit, now) {
+                for prev in &draws[..i] {
+                    self.give_back_one(self.key(prev.scope, &prev.key), prev.limit);
                 }
-                Limit::Rate { tokens, per, burst } => {
-                    let have = match entry {
-                        Some((t, at)) => (t + now.duration_since(at).as_secs_f64()
-                            / per.as_secs_f64()
-                            * tokens as f64)
-                            .min(burst as f64),
-                        None => burst as f64,
-                    };
-                    if have < 1.0 {
-                        return Ok(Grant::Denied {
-                            scope: d.scope,
-                            retry_in: None,
-                        });
-                    }
-                    have - 1.0
-                }
-            };
-            next.push(((d.scope, d.key.clone()), (value, now)));
-        }
-        for (k, v) in next {
-            map.insert(k, v);
+                return Ok(Grant::Denied {
+                    scope: d.scope,
+                    retry_in,
+                });
+            }
         }
         Ok(Grant::Granted)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn draw(scope: Scope, key: &str, limit: Limit) -> Draw {
+        Draw {
+            scope,
+            key: key.to_owned(),
+            limit,
+        }
+    }
+
+    const COUNT: Limit = Limit::Count {
+        max: 2,
+        ttl: Duration::from_secs(60),
+    };
+
+    #[test]
+    fn entry_is_compact() {
+        assert_eq!(std::mem::size_of::<(Key, Entry)>(), 40);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn count_expires_after_ttl_since_last_draw() {
+        let s = MemoryStore::new();
+        let d = [draw(Scope::Task, "t", COUNT)];
+        assert_eq!(s.draw(&d).await, Ok(Grant::Granted));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(s.draw(&d).await, Ok(Grant::Granted));
+        let Ok(Grant::Denied { scope, retry_in }) = s.draw(&d).await else {
+            panic!("third draw granted")
+        };
+        assert_eq!(scope, Scope::Task);
+        assert_eq!(retry_in, Some(Duration::from_secs(60)));
+        // 60 s after the first draw, but only 30 s after the last: still counted.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(matches!(s.draw(&d).await, Ok(Grant::Denied { .. })));
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert_eq!(s.draw(&d).await, Ok(Grant::Granted));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn all_or_nothing() {
+        let s = MemoryStore::new();
+        let task = draw(Scope::Task, "t", COUNT);
+        let user = draw(
+            Scope::User,
+            "u",
+            Limit::Count {
+                max: 1,
+                ttl: Duration::from_secs(60),
+            },
+        );
+        assert_eq!(
+            s.draw(&[task.clone(), user.clone()]).await,
+            Ok(Grant::Granted)
+        );
+        // The user refuses: the task's draw is given back.
+        assert!(matches!(
+            s.draw(&[task.clone(), user.clone()]).await,
+            Ok(Grant::Denied {
+                scope: Scope::User,
+                ..
+            })
+        ));
+        assert_eq!(
+            s.draw(std::slice::from_ref(&task)).await,
+            Ok(Grant::Granted)
+        );
+        assert!(matches!(
+            s.draw(&[task]).await,
+            Ok(Grant::Denied {
+                scope: Scope::Task,
+                ..
+            })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_new_key_is_not_stored() {
+        let s = MemoryStore::new();
+        let zero = Limit::Count {
+            max: 0,
+            ttl: Duration::from_secs(1),
+        };
+        assert_eq!(
+            s.draw(&[draw(Scope::Task, "t", zero)]).await,
+            Ok(Grant::Denied {
+                scope: Scope::Task,
+                retry_in: None
+            })
+        );
+        assert!(s.is_empty());
     }
 }

@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | [`Scope::Task`] | 5 retry events per task id, forgotten 1 h after the task's last retry | the [`BudgetStore`] |
 //! | [`Scope::User`] | 60 retries a minute per user id, bursts of 10 | the [`BudgetStore`] |
-//! | [`Scope::Process`] | retries <= 10% of calls over 10 s, more while retries succeed ([`RetryRatio`]) | this process |
+//! | [`Scope::Process`] | retries <= 10% of calls over 10 s while retries fail, up to 150% while they succeed ([`RetryRatio`], [`RatioConfig`]) | this process |
 //!
 //! A request without a task id (or user id) is not charged to that scope.
 //!
@@ -23,6 +23,9 @@ mod ratio;
 
 pub use self::memory::MemoryStore;
 pub use self::ratio::{RatioConfig, RetryRatio};
+
+// The rule of the process ratio is documented on `RetryRatio`'s module (`ratio.rs`) and
+// summed up on `RatioConfig`'s fields.
 
 use std::fmt;
 use std::future::Future;

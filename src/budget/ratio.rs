@@ -1,19 +1,42 @@
-//! The process-wide retry ratio. (Interim version: cumulative, replaced by the windowed,
-//! adaptive one.)
+//! The process-wide retry ratio: retries as a fraction of calls over a sliding window, more
+//! while retries are succeeding.
+//!
+//! The rule is documented on [`RetryRatio`].
 
-use std::sync::Mutex;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-/// Settings of the process-wide [`RetryRatio`].
+use tokio::time::Instant;
+
+/// Buckets in the ring: the window moves in steps of `window / BUCKETS`.
+const BUCKETS: usize = 10;
+/// Fixed-point scale of ratios (millionths).
+const SCALE: u128 = 1_000_000;
+/// Bound on compare-and-swap turns; past it, a withdrawal is refused (never granted blind).
+const MAX_CAS_TURNS: usize = 128;
+
+/// Settings of the process-wide [`RetryRatio`] (whose docs give the rule).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RatioConfig {
-    /// Retries allowed per call while retries are failing (default 0.1).
+    /// Retries allowed per logical call while retries are failing (default 0.1: at most
+    /// 1.1 attempts per call in an outage). Kept to six decimals, exactly.
     pub ratio: f64,
-    /// The window (default 10 s).
+    /// The sliding window over which calls and retries are counted (default 10 s; moves
+    /// in steps of a tenth of it).
     pub window: Duration,
-    /// Retries always allowed per window (default 3).
+    /// Retries always allowed per window, less one for each retry in the window that
+    /// failed (default 3): lets a quiet process retry at all. It is a minimum, not added to
+    /// the ratio, and it runs out as retries are seen failing, so it does not raise the
+    /// outage ratio.
     pub floor: u32,
+    /// Retries earned by each retry that succeeded (default 3.0): a retry that works pays
+    /// for itself and two more, so the ratio opens up while retries work (at least a third
+    /// of them succeeding) and closes down to `ratio` when they fail.
+    pub success_credit: f64,
+    /// The most retries per logical call, however well retries are doing (default 1.5:
+    /// at most 2.5x the load). Never below `ratio`.
+    pub max_ratio: f64,
 }
 
 impl Default for RatioConfig {
@@ -22,55 +45,475 @@ impl Default for RatioConfig {
             ratio: 0.1,
             window: Duration::from_secs(10),
             floor: 3,
+            success_credit: 3.0,
+            max_ratio: 1.5,
         }
     }
 }
 
-/// Retries as a fraction of calls, process-wide.
-#[derive(Debug)]
+/// A ratio in millionths; NaN, negative and absurd values are clamped (0 ..= 1000).
+fn micros(x: f64) -> u128 {
+    if x.is_finite() && x > 0.0 {
+        (x.min(1000.0) * SCALE as f64).round() as u128
+    } else {
+        0
+    }
+}
+
+/// A bucket counter: the bucket's epoch in the high 32 bits, the count in the low 32.
+struct Ring([AtomicU64; BUCKETS]);
+
+fn pack(epoch: u32, count: u32) -> u64 {
+    (u64::from(epoch) << 32) | u64::from(count)
+}
+
+fn epoch_of(v: u64) -> u32 {
+    (v >> 32) as u32
+}
+
+fn count_of(v: u64) -> u32 {
+    v as u32
+}
+
+/// Whether a bucket of epoch `e` is inside the window that ends at epoch `now` (a bucket a
+/// little ahead, written by a thread whose clock read was later, counts too).
+fn live(e: u32, now: u32) -> bool {
+    let behind = now.wrapping_sub(e) as usize;
+    let ahead = e.wrapping_sub(now) as usize;
+    behind < BUCKETS || ahead < BUCKETS
+}
+
+/// Whether a bucket labelled `label` is the bucket of `epoch` (or, after a stall of a whole
+/// window, of a later epoch) rather than an older one to start afresh. A bucket's only
+/// right label is the epoch it is used for: a label merely inside the window belongs to
+/// another turn of the ring.
+fn current(label: u32, epoch: u32) -> bool {
+    label.wrapping_sub(epoch) < u32::MAX / 2
+}
+
+impl Ring {
+    fn new() -> Self {
+        Ring(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+
+    fn slot(&self, epoch: u32) -> &AtomicU64 {
+        &self.0[epoch as usize % BUCKETS]
+    }
+
+    /// Adds one to the bucket of `epoch`: one `fetch_add`, unless the bucket still holds an
+    /// old epoch, which is then started afresh. For counters whose dead counts are simply
+    /// dropped (calls, results).
+    fn add(&self, epoch: u32) {
+        let slot = self.slot(epoch);
+        let before = slot.fetch_add(1, Ordering::Relaxed);
+        if current(epoch_of(before), epoch) {
+            return;
+        }
+        // The bucket held an old epoch: our increment went into a dead count. Start it
+        // afresh, or join whoever already did.
+        let mut current = slot.load(Ordering::Relaxed);
+        for _ in 0..MAX_CAS_TURNS {
+            let next = if self::current(epoch_of(current), epoch) {
+                current.wrapping_add(1)
+            } else {
+                pack(epoch, 1)
+            };
+            match slot.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed) {
+                Ok(_) => return,
+                Err(actual) => current = actual,
+            }
+        }
+    }
+
+    /// Adds one to the bucket of `epoch` by compare-and-swap only, so that a dead count it
+    /// replaces is known exactly: `Some(dead count replaced)`, or `None` if contention
+    /// outlasted the bound (nothing was added).
+    fn add_exact(&self, epoch: u32) -> Option<u32> {
+        let slot = self.slot(epoch);
+        let mut current = slot.load(Ordering::Acquire);
+        for _ in 0..MAX_CAS_TURNS {
+            let (next, dead) = if self::current(epoch_of(current), epoch) {
+                (current.wrapping_add(1), 0)
+            } else {
+                (pack(epoch, 1), count_of(current))
+            };
+            match slot.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(dead),
+                Err(actual) => current = actual,
+            }
+        }
+        None
+    }
+
+    /// The sum of the live buckets at `epoch`.
+    fn sum(&self, epoch: u32) -> u64 {
+        self.0
+            .iter()
+            .map(|s| s.load(Ordering::Acquire))
+            .filter(|&v| live(epoch_of(v), epoch))
+            .map(|v| u64::from(count_of(v)))
+            .sum()
+    }
+}
+
+/// Retries as a fraction of calls, process-wide, over a sliding window, opening up while
+/// retries succeed.
+///
+/// Shared by every layer that shares one [`Budgets`](super::Budgets).
+///
+/// # The rule
+///
+/// Over the last `window` (default 10 s, kept as a ring of 10 buckets), with
+///
+/// - `C` = logical calls started,
+/// - `R` = retries granted (in flight, failed or succeeded),
+/// - `S` = retries that succeeded,
+/// - `F` = retries that failed,
+///
+/// one more retry is granted when
+///
+/// ```text
+/// R + 1 <= max( floor - F,
+///               min( ratio * C + success_credit * S,  max_ratio * C ) )
+/// ```
+///
+/// With the defaults (`ratio` 0.1, `success_credit` 3, `max_ratio` 1.5, `floor` 3):
+///
+/// - **Retries fail (outage).** `S = 0`, so `R <= 0.1 * C`: at most 1.1 attempts per call,
+///   the SRE book's figure. The floor does not add to it: it is a `max`, not a sum, and it
+///   shrinks by one for every retry seen failing in the window, so it lets a quiet process
+///   retry at all (a lone call may still make its retries while they have not failed more
+///   than `floor` times) but is gone once retries are seen failing.
+/// - **Retries work.** A retry that succeeds pays for itself and for two more: the
+///   allowance grows by 3 for each, so when at least a third of the retries succeed the
+///   allowance outgrows what is spent and only `max_ratio` (1.5 retries per call, i.e. at
+///   most 2.5x the load) bounds it. At 50% random failure a call needs 0.875 retries on
+///   average, and nearly all are granted (about 93% of calls succeed, as without a budget);
+///   at 10% random failure, 0.11.
+/// - **In between**, the allowance follows the success of the retries themselves: at 90%
+///   failure about 1.15 attempts per call, at 70% about 1.6.
+///
+/// A "retry" is counted when it is granted, and its result when the retried attempt ends
+/// (`record_retry_result`); a store denial after the ratio granted gives the retry back
+/// (`refund`).
+///
+/// # Unlike tower's `TpsBudget`
+///
+/// - **No overdraw.** The decision is a compare-and-swap of the window's retry count
+///   against the allowance: two racing withdrawals cannot both take the last retry (tower
+///   reads the balance, then subtracts, so racing withdrawals can all succeed).
+/// - **Exact fractions.** Ratios are kept in millionths and compared in integers: a ratio
+///   of 0.4 allows 40 retries per 100 calls, not the 50 that `1 / 0.4` truncated to 2
+///   gives (tower issue 857).
+/// - **Adaptive.** The allowance follows the success of the retries (above).
+/// - **Cheap deposits.** A call's deposit is one `fetch_add` on the current bucket (plus,
+///   once per bucket period, a compare-and-swap that starts the bucket afresh); no lock.
+///
+/// # Not here
+///
+/// Envoy's cap on retries *in flight* (20% of active requests, at least 3) is not
+/// implemented: it needs the number of active calls, which the layer does not track.
 pub struct RetryRatio {
     config: RatioConfig,
-    calls: AtomicU64,
-    retries: Mutex<u64>,
+    ratio: u128,
+    credit: u128,
+    max_ratio: u128,
+    start: Instant,
+    bucket_nanos: u128,
+    calls: Ring,
+    succeeded: Ring,
+    failed: Ring,
+    /// Retries granted, per bucket (for expiry).
+    retries: Ring,
+    /// Retries in the window: the one word every withdrawal compare-and-swaps. Equal to the
+    /// sum of the live `retries` buckets, plus grants not yet recorded in a bucket.
+    in_window: AtomicU64,
+}
+
+impl fmt::Debug for RetryRatio {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryRatio")
+            .field("config", &self.config)
+            .field("now", &self.describe_counts())
+            .finish()
+    }
 }
 
 impl RetryRatio {
-    /// A ratio with these settings.
+    /// A ratio with these settings (out-of-range values are clamped: ratios to 0 ..= 1000,
+    /// the window to at least 10 ms).
     pub fn new(config: RatioConfig) -> Self {
+        let window = config.window.max(Duration::from_millis(10));
+        let ratio = micros(config.ratio);
         RetryRatio {
             config,
-            calls: AtomicU64::new(0),
-            retries: Mutex::new(0),
+            ratio,
+            credit: micros(config.success_credit),
+            max_ratio: micros(config.max_ratio).max(ratio),
+            start: Instant::now(),
+            bucket_nanos: (window.as_nanos() / BUCKETS as u128).max(1),
+            calls: Ring::new(),
+            succeeded: Ring::new(),
+            failed: Ring::new(),
+            retries: Ring::new(),
+            in_window: AtomicU64::new(0),
         }
     }
 
+    /// The settings.
+    pub fn config(&self) -> &RatioConfig {
+        &self.config
+    }
+
+    fn epoch(&self) -> u32 {
+        let elapsed = Instant::now().saturating_duration_since(self.start);
+        (elapsed.as_nanos() / self.bucket_nanos) as u32
+    }
+
+    /// A logical call started (the success path: one atomic add).
+    #[inline]
     pub(crate) fn deposit(&self) {
-        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.calls.add(self.epoch());
     }
 
-    pub(crate) fn try_withdraw(&self) -> bool {
-        let calls = self.calls.load(Ordering::Relaxed) as f64;
-        let allowed = self.config.floor as f64 + self.config.ratio * calls;
-        let mut retries = self.retries.lock().unwrap_or_else(|p| p.into_inner());
-        if (*retries as f64) < allowed {
-            *retries += 1;
-            true
-        } else {
-            false
+    /// Drops expired retry buckets from the window's count.
+    fn expire(&self, epoch: u32) {
+        for slot in &self.retries.0 {
+            let v = slot.load(Ordering::Acquire);
+            if count_of(v) == 0 || live(epoch_of(v), epoch) {
+                continue;
+            }
+            if slot
+                .compare_exchange(v, pack(epoch_of(v), 0), Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                self.sub_in_window(u64::from(count_of(v)));
+            }
         }
     }
 
-    pub(crate) fn refund(&self) {
-        let mut retries = self.retries.lock().unwrap_or_else(|p| p.into_inner());
-        *retries = retries.saturating_sub(1);
+    fn sub_in_window(&self, n: u64) {
+        let _ = self
+            .in_window
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                Some(t.saturating_sub(n))
+            });
     }
 
-    pub(crate) fn record_retry_result(&self, _succeeded: bool) {}
+    /// The allowance at `epoch`, in millionths of a retry.
+    fn allowance(&self, epoch: u32) -> u128 {
+        let calls = u128::from(self.calls.sum(epoch));
+        let succeeded = u128::from(self.succeeded.sum(epoch));
+        let failed = self.failed.sum(epoch);
+        let earned = self.ratio * calls + self.credit * succeeded;
+        let capped = earned.min(self.max_ratio * calls);
+        let floor = u128::from(u64::from(self.config.floor).saturating_sub(failed)) * SCALE;
+        capped.max(floor)
+    }
 
-    pub(crate) fn describe(&self) -> String {
+    /// Takes one retry if the window allows it.
+    pub(crate) fn try_withdraw(&self) -> bool {
+        let epoch = self.epoch();
+        self.expire(epoch);
+        let allowance = self.allowance(epoch);
+        let mut taken = self.in_window.load(Ordering::Acquire);
+        for _ in 0..MAX_CAS_TURNS {
+            if (u128::from(taken) + 1) * SCALE > allowance {
+                return false;
+            }
+            match self.in_window.compare_exchange_weak(
+                taken,
+                taken + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    return match self.retries.add_exact(epoch) {
+                        Some(dead) => {
+                            if dead > 0 {
+                                self.sub_in_window(u64::from(dead));
+                            }
+                            true
+                        }
+                        None => {
+                            // Not recorded in a bucket, so it would never expire: undo.
+                            self.sub_in_window(1);
+                            false
+                        }
+                    };
+                }
+                Err(actual) => taken = actual,
+            }
+        }
+        false
+    }
+
+    /// Gives back a retry that was taken but not made (a later budget refused it).
+    pub(crate) fn refund(&self) {
+        let epoch = self.epoch();
+        // The newest live bucket that holds a retry: the one just taken, normally.
+        for back in 0..BUCKETS as u32 {
+            let e = epoch.wrapping_sub(back);
+            let slot = self.retries.slot(e);
+            let mut v = slot.load(Ordering::Acquire);
+            for _ in 0..MAX_CAS_TURNS {
+                if epoch_of(v) != e || count_of(v) == 0 {
+                    break;
+                }
+                match slot.compare_exchange_weak(v, v - 1, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => {
+                        self.sub_in_window(1);
+                        return;
+                    }
+                    Err(actual) => v = actual,
+                }
+            }
+        }
+        // Nothing live to give back: the retry has already left the window.
+    }
+
+    /// A retried attempt ended; feeds the adaptive part of the rule.
+    pub(crate) fn record_retry_result(&self, succeeded: bool) {
+        let epoch = self.epoch();
+        if succeeded {
+            self.succeeded.add(epoch);
+        } else {
+            self.failed.add(epoch);
+        }
+    }
+
+    fn describe_counts(&self) -> String {
+        let epoch = self.epoch();
         format!(
-            "retries <= {} x calls + {}",
-            self.config.ratio, self.config.floor
+            "{} retries for {} calls, {} succeeded, {} failed",
+            self.retries.sum(epoch),
+            self.calls.sum(epoch),
+            self.succeeded.sum(epoch),
+            self.failed.sum(epoch)
         )
+    }
+
+    /// The rule and the window's counts, in words (for errors and logs).
+    pub(crate) fn describe(&self) -> String {
+        let c = &self.config;
+        format!(
+            "retries <= {} x calls + {} x succeeded retries, at most {} x calls (floor {} \
+             less failed retries) over {:?}; now {}",
+            self.ratio as f64 / SCALE as f64,
+            self.credit as f64 / SCALE as f64,
+            self.max_ratio as f64 / SCALE as f64,
+            c.floor,
+            c.window.max(Duration::from_millis(10)),
+            self.describe_counts()
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(ratio: f64, floor: u32) -> RatioConfig {
+        RatioConfig {
+            ratio,
+            floor,
+            ..RatioConfig::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outage_allows_exactly_the_ratio() {
+        let r = RetryRatio::new(config(0.1, 3));
+        for _ in 0..100 {
+            r.deposit();
+        }
+        let mut granted = 0;
+        for _ in 0..50 {
+            if r.try_withdraw() {
+                granted += 1;
+                r.record_retry_result(false);
+            }
+        }
+        assert_eq!(granted, 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn floor_holds_until_a_retry_fails() {
+        let r = RetryRatio::new(config(0.1, 3));
+        r.deposit();
+        assert!(r.try_withdraw());
+        assert!(r.try_withdraw());
+        r.record_retry_result(false);
+        // 0.1 x 1 call < 3 retries taken, and the floor is down to 3 - 1.
+        assert!(!r.try_withdraw());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn successes_open_the_ratio_up_to_the_cap() {
+        let r = RetryRatio::new(config(0.1, 0));
+        for _ in 0..10 {
+            r.deposit();
+        }
+        let mut granted = 0;
+        for _ in 0..100 {
+            if r.try_withdraw() {
+                granted += 1;
+                r.record_retry_result(true);
+            }
+        }
+        // Capped at 1.5 x 10 calls.
+        assert_eq!(granted, 15);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn window_slides_and_refund_gives_back() {
+        let r = RetryRatio::new(config(0.5, 0));
+        for _ in 0..4 {
+            r.deposit();
+        }
+        assert!(r.try_withdraw());
+        assert!(r.try_withdraw());
+        assert!(!r.try_withdraw());
+        r.refund();
+        assert!(r.try_withdraw());
+        assert!(!r.try_withdraw());
+        // After the window, calls and retries are forgotten.
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(!r.try_withdraw());
+        assert_eq!(r.in_window.load(Ordering::Relaxed), 0);
+        for _ in 0..2 {
+            r.deposit();
+        }
+        assert!(r.try_withdraw());
+        assert!(!r.try_withdraw());
+        // Half a window later, the old calls still count.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert!(!r.try_withdraw());
+        r.deposit();
+        r.deposit();
+        assert!(r.try_withdraw());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_window_buckets_are_labelled_with_their_epoch() {
+        let r = RetryRatio::new(config(0.1, 0));
+        // One call a second for 10 s: the calls of seconds 1..9 still count at second 10.
+        for _ in 0..10 {
+            for _ in 0..10 {
+                r.deposit();
+            }
+            tokio::time::advance(Duration::from_secs(1)).await;
+        }
+        assert_eq!(r.calls.sum(r.epoch()), 90);
+    }
+
+    #[test]
+    fn fractions_are_exact() {
+        let r = RetryRatio::new(config(0.29, 0));
+        for _ in 0..100 {
+            r.deposit();
+        }
+        let granted = (0..100).filter(|_| r.try_withdraw()).count();
+        assert_eq!(granted, 29);
     }
 }
