@@ -28,7 +28,7 @@ use rand::{Rng, SeedableRng};
 use tower::retry::Policy;
 use tower::retry::budget::{Budget, TpsBudget};
 use tower::{Layer, Service, ServiceExt};
-use tower_retry_guard::{CallOutcome, RetryInfo, RetryLayer, StopReason};
+use tower_retry_guard::{CallOutcome, RetryInfo, RetryLayer, RetryPolicy, StopReason};
 
 const CALLS: u64 = 2_000;
 const SPREAD: Duration = Duration::from_secs(200);
@@ -167,6 +167,8 @@ struct Row {
     success: f64,
     /// Calls whose retries a budget stopped (this crate only: it says so).
     denied: Option<u64>,
+    /// This crate's stats table and health verdict (this crate only).
+    stats: Option<String>,
 }
 
 /// Runs one scenario in a fresh paused runtime.
@@ -175,9 +177,16 @@ fn run(p: f64, strategy: Strategy) -> std::io::Result<Row> {
         .enable_time()
         .start_paused(true)
         .build()?;
-    Ok(rt.block_on(async move {
+    rt.block_on(async move {
         let provider = Provider::new(p);
-        let guard = RetryLayer::new().layer(provider.clone());
+        // Seeded jitter: the same table on every run.
+        let policy = RetryPolicy::builder()
+            .seed(7)
+            .build()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let layer = RetryLayer::new().policy(policy);
+        let stats = layer.retry_stats();
+        let guard = layer.layer(provider.clone());
         let budget = Arc::new(TpsBudget::default());
         let succeeded = Arc::new(AtomicU64::new(0));
         let denied = Arc::new(AtomicU64::new(0));
@@ -242,15 +251,24 @@ fn run(p: f64, strategy: Strategy) -> std::io::Result<Row> {
         for t in tasks {
             let _ = t.await;
         }
-        Row {
+        Ok(Row {
+            stats: matches!(strategy, Strategy::Guard).then(|| {
+                let health = stats
+                    .operations()
+                    .iter()
+                    .map(|op| format!("{op}: {}", stats.health(op)))
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                format!("{stats}\n{health}")
+            }),
             attempts_per_call: provider.attempts.load(Ordering::Relaxed) as f64 / CALLS as f64,
             success: succeeded.load(Ordering::Relaxed) as f64 / CALLS as f64,
             denied: match strategy {
                 Strategy::Guard => Some(denied.load(Ordering::Relaxed)),
                 _ => None,
             },
-        }
-    }))
+        })
+    })
 }
 
 fn main() -> std::io::Result<()> {
@@ -264,13 +282,18 @@ fn main() -> std::io::Result<()> {
         "{:<20} {:<36} {:>14} {:>9} {:>18}",
         "failure", "strategy", "attempts/call", "success", "stopped by budget"
     );
+    let mut tables = Vec::new();
     for (label, p) in [
         ("100% (outage)", 1.0),
         ("50% random", 0.5),
         ("10% random", 0.1),
     ] {
+        let mut table = None;
         for strategy in [Strategy::Naive, Strategy::TowerTps, Strategy::Guard] {
             let row = run(p, strategy)?;
+            if row.stats.is_some() {
+                table = row.stats.clone();
+            }
             println!(
                 "{:<20} {:<36} {:>14.3} {:>8.2}% {:>18}",
                 label,
@@ -281,6 +304,14 @@ fn main() -> std::io::Result<()> {
             );
         }
         println!();
+        tables.push((label, table));
+    }
+    for (label, table) in tables {
+        if let Some(table) = table {
+            println!(
+                "== tower-retry-guard stats at {label} (the last minute decides the verdict)\n{table}\n"
+            );
+        }
     }
     Ok(())
 }

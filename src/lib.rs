@@ -122,3 +122,8 @@ pub use crate::server::{
     Dedupe, DedupeLayer, Idempotency, IdempotencyLayer, IdempotencyStore, MemoryIdempotencyStore,
 };
 pub use crate::service::Retry;
+
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
