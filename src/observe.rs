@@ -185,9 +185,30 @@ pub struct RetryStats {
     inner: Arc<StatsInner>,
 }
 
+/// The map's keys are already SipHash outputs: hashing them again is wasted work on the
+/// success path.
+#[derive(Debug, Clone, Copy, Default)]
+struct PassThrough(u64);
+
+impl Hasher for PassThrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+type OpMap = DashMap<u64, Arc<OpStats>, std::hash::BuildHasherDefault<PassThrough>>;
+
 #[derive(Debug)]
 struct StatsInner {
-    ops: DashMap<u64, Arc<OpStats>>,
+    ops: OpMap,
     origin: Instant,
 }
 
@@ -276,7 +297,7 @@ impl RetryStats {
     pub fn new() -> Self {
         RetryStats {
             inner: Arc::new(StatsInner {
-                ops: DashMap::new(),
+                ops: OpMap::default(),
                 origin: Instant::now(),
             }),
         }
