@@ -180,6 +180,18 @@ fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
+/// One call through the guarded client: retry layer, then a per-attempt timeout.
+fn guarded_call(layer: RetryLayer, per_attempt: Duration, base: String) -> Run {
+    Box::pin(async move {
+        let mut svc = ServiceBuilder::new()
+            .layer(layer)
+            .layer(tower::timeout::TimeoutLayer::new(per_attempt))
+            .service(client());
+        let res = svc.ready().await?.call(email_request(&base)?).await?;
+        body_text(res).await
+    })
+}
+
 fn guarded(stats: &RetryStats) -> Result<RetryLayer, BoxError> {
     let policy = RetryPolicy::builder()
         .max_total_time(Duration::from_secs(10))
@@ -207,34 +219,18 @@ async fn main() -> Result<(), BoxError> {
         })
         .await?,
     );
-    let layer = guarded(&stats)?;
-    rows.push(
-        scenario("guarded, tool ignores the key", false, move |base| {
-            Box::pin(async move {
-                let mut svc = ServiceBuilder::new()
-                    .layer(layer)
-                    .layer(tower::timeout::TimeoutLayer::new(per_attempt))
-                    .service(client());
-                let res = svc.ready().await?.call(email_request(&base)?).await?;
-                body_text(res).await
+    for (name, dedupe) in [
+        ("guarded, tool ignores the key", false),
+        ("guarded + IdempotencyLayer", true),
+    ] {
+        let layer = guarded(&stats)?;
+        rows.push(
+            scenario(name, dedupe, move |base| {
+                guarded_call(layer, per_attempt, base)
             })
-        })
-        .await?,
-    );
-    let layer = guarded(&stats)?;
-    rows.push(
-        scenario("guarded + IdempotencyLayer", true, move |base| {
-            Box::pin(async move {
-                let mut svc = ServiceBuilder::new()
-                    .layer(layer)
-                    .layer(tower::timeout::TimeoutLayer::new(per_attempt))
-                    .service(client());
-                let res = svc.ready().await?.call(email_request(&base)?).await?;
-                body_text(res).await
-            })
-        })
-        .await?,
-    );
+            .await?,
+        );
+    }
 
     println!(
         "{:<32} {:>6} {:>9}  {:<18} caller saw",

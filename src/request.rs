@@ -338,6 +338,32 @@ fn id_from_view<T: Send + Sync + 'static>(
     (!text.is_empty() && text.len() <= MAX_KEY_LEN).then(|| text.to_owned())
 }
 
+/// The key in a request's headers, validated.
+pub(crate) fn key_from_headers(
+    headers: &HeaderMap,
+    names: &HeaderNames,
+) -> Result<Option<IdempotencyKey>, InvalidKey> {
+    match headers.get(&names.idempotency_key) {
+        Some(v) => IdempotencyKey::from_header(v).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Stamps the key, unless the request sent one itself: that one is never replaced, not
+/// even by its quoted form.
+pub(crate) fn stamp_key(headers: &mut HeaderMap, key: &IdempotencyKey, names: &HeaderNames) {
+    if !headers.contains_key(&names.idempotency_key) {
+        headers.insert(names.idempotency_key.clone(), key.header_value().clone());
+    }
+}
+
+/// Stamps the attempt number, if the layer sends one.
+pub(crate) fn stamp_attempt(headers: &mut HeaderMap, attempt: u32, names: &HeaderNames) {
+    if let Some(name) = &names.attempt {
+        headers.insert(name.clone(), attempt_header(attempt));
+    }
+}
+
 const ATTEMPT_VALUES: [&str; 11] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"];
 
 /// The header value for an attempt number, without allocating for small numbers.
@@ -401,25 +427,15 @@ impl<B: CloneBody> RetryRequest for Request<B> {
         if let Some(key) = self.extensions().get::<IdempotencyKey>() {
             return Ok(Some(key.clone()));
         }
-        match self.headers().get(&names.idempotency_key) {
-            Some(v) => IdempotencyKey::from_header(v).map(Some),
-            None => Ok(None),
-        }
+        key_from_headers(self.headers(), names)
     }
 
     fn set_idempotency_key(&mut self, key: &IdempotencyKey, names: &HeaderNames) {
-        // A key the request sent itself is never replaced, not even by its quoted form.
-        if !self.headers().contains_key(&names.idempotency_key) {
-            self.headers_mut()
-                .insert(names.idempotency_key.clone(), key.header_value().clone());
-        }
+        stamp_key(self.headers_mut(), key, names);
     }
 
     fn set_attempt(&mut self, attempt: u32, names: &HeaderNames) {
-        if let Some(name) = &names.attempt {
-            self.headers_mut()
-                .insert(name.clone(), attempt_header(attempt));
-        }
+        stamp_attempt(self.headers_mut(), attempt, names);
     }
 
     fn view(&self) -> RequestView<'_> {

@@ -8,7 +8,7 @@ use crate::classify::{AsError, Classify, ErrorKind, LlmHttp, Outcome};
 use crate::observe::RetryInfo;
 use crate::request::{
     HeaderNames, IdempotencyKey, InvalidKey, Operation, RequestView, RetryRequest, SideEffect,
-    attempt_header,
+    key_from_headers, stamp_attempt, stamp_key,
 };
 
 impl RetryRequest for reqwest::Request {
@@ -21,24 +21,15 @@ impl RetryRequest for reqwest::Request {
     }
 
     fn idempotency_key(&self, names: &HeaderNames) -> Result<Option<IdempotencyKey>, InvalidKey> {
-        match self.headers().get(&names.idempotency_key) {
-            Some(v) => IdempotencyKey::from_header(v).map(Some),
-            None => Ok(None),
-        }
+        key_from_headers(self.headers(), names)
     }
 
     fn set_idempotency_key(&mut self, key: &IdempotencyKey, names: &HeaderNames) {
-        if !self.headers().contains_key(&names.idempotency_key) {
-            self.headers_mut()
-                .insert(names.idempotency_key.clone(), key.header_value().clone());
-        }
+        stamp_key(self.headers_mut(), key, names);
     }
 
     fn set_attempt(&mut self, attempt: u32, names: &HeaderNames) {
-        if let Some(name) = &names.attempt {
-            self.headers_mut()
-                .insert(name.clone(), attempt_header(attempt));
-        }
+        stamp_attempt(self.headers_mut(), attempt, names);
     }
 
     fn view(&self) -> RequestView<'_> {
