@@ -202,7 +202,7 @@ struct Inner {
 }
 
 /// Budgets in this process's memory: a sharded, concurrent map of small entries, swept of
-/// idle keys as it is used. See the [module docs](self) for the layout, the all-or-nothing
+/// idle keys as it is used. See the `budget::memory` module source for the layout, the all-or-nothing
 /// rule and eviction.
 ///
 /// Clones share the map.

@@ -26,7 +26,7 @@ use crate::RetryInfo;
 /// HTTP-date. A hint that does not parse (negative, not a number, a date in the past,
 /// absurdly large) is ignored: the layer falls back to its backoff.
 ///
-/// Transport errors (`Err`) are classified by [`Errors`]. A response that an inner retry
+/// Transport errors (`Err`) are classified by [`Errors`](crate::classify::Errors). A response that an inner retry
 /// layer of this crate already returned (it carries a [`RetryInfo`]) with a failing status is
 /// not retried again ([`ErrorKind::GaveUp`]): retrying at several layers multiplies attempts.
 #[derive(Debug, Clone, Copy, Default)]
