@@ -18,7 +18,7 @@ use crate::budget::{Acquire, Verdict};
 use crate::classify::{Classify, ErrorKind, Outcome};
 use crate::error::{RetryError, StopReason};
 use crate::layer::{ChangeRequest, RetryContext, Shared};
-use crate::observe::{CallOutcome, OpKey, RetryInfo};
+use crate::observe::{CallOutcome, OpHandle, OpKey, RetryInfo};
 use crate::request::{IdempotencyKey, Operation, RetryRequest, SideEffect};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -37,12 +37,15 @@ pub(crate) struct CallState<Req> {
     /// The attempt in flight is a retry (feeds the adaptive ratio).
     in_retry: bool,
     operation: Option<Operation>,
-    op_key: OpKey,
+    op: OpHandle,
     span: tracing::Span,
 }
 
 /// Prepares a request for its first attempt: side effect, key, attempt header, the copy.
 pub(crate) struct Prepared;
+
+/// A request refused before it was sent (boxed: the success path moves less).
+pub(crate) type Refusal = Box<(StopReason, RetryInfo)>;
 
 impl Prepared {
     // Returns the request and its call state; the refusal is as large as a RetryError (the
@@ -51,7 +54,7 @@ impl Prepared {
     pub(crate) fn new<Req: RetryRequest, C, H>(
         shared: &Shared<C, H>,
         mut request: Req,
-    ) -> Result<(Req, CallState<Req>), (StopReason, RetryInfo)> {
+    ) -> Result<(Req, CallState<Req>), Refusal> {
         let layer = &shared.layer;
         let side_effect = side_effect_of(shared, &request);
         let names = &layer.names;
@@ -70,9 +73,11 @@ impl Prepared {
                 Ok(None) => {}
                 Err(invalid) => {
                     let operation = operation_of(shared, &request);
+                    let handle = layer.stats.handle(OpKey::of_name(operation.as_str()), || {
+                        operation.as_str().to_owned()
+                    });
                     layer.stats.record_stop(
-                        OpKey::of_name(operation.as_str()),
-                        || operation.as_str().to_owned(),
+                        &handle,
                         ErrorKind::ClientError,
                         &StopReason::InvalidKey(invalid.clone()),
                     );
@@ -86,7 +91,7 @@ impl Prepared {
                     info.operation = Some(operation);
                     let reason = StopReason::InvalidKey(invalid);
                     info.outcome = CallOutcome::Stopped(reason.clone());
-                    return Err((reason, info));
+                    return Err(Box::new((reason, info)));
                 }
             }
         }
@@ -101,27 +106,33 @@ impl Prepared {
             }
             copy
         };
-        layer.budgets.on_call();
-        let op_key = op_key_of(shared, &request);
-        if !layer.stats.contains(op_key) {
-            let name = operation_of(shared, &request);
-            layer.stats.ensure(op_key, name.as_str());
-        }
-        let span = tracing::info_span!(
-            target: "tower_retry_guard",
-            "retry_call",
-            operation = tracing::field::Empty,
-            method = request.view().method.map(|m| m.as_str()),
-            side_effect = side_effect.as_str(),
-            key = key.as_ref().map(|k| k.as_str()),
-        );
-        if !span.is_disabled() {
-            span.record("operation", operation_of(shared, &request).as_str());
-        }
+        // One clock read serves the deadline and the process ratio.
+        let started = Instant::now();
+        layer.budgets.on_call(started);
+        let op = layer.stats.handle(op_key_of(shared, &request), || {
+            operation_of(shared, &request).as_str().to_owned()
+        });
+        // No subscriber wants the span: skip building it (and the `log` fallback).
+        let span = if tracing::enabled!(target: "tower_retry_guard", tracing::Level::INFO) {
+            let span = tracing::info_span!(
+                target: "tower_retry_guard",
+                "retry_call",
+                operation = tracing::field::Empty,
+                method = request.view().method.map(|m| m.as_str()),
+                side_effect = side_effect.as_str(),
+                key = key.as_ref().map(|k| k.as_str()),
+            );
+            if !span.is_disabled() {
+                span.record("operation", op.name());
+            }
+            span
+        } else {
+            tracing::Span::none()
+        };
         let call = CallState {
             next,
             attempts: 1,
-            started: Instant::now(),
+            started,
             total_delay: Duration::ZERO,
             key,
             side_effect,
@@ -129,7 +140,7 @@ impl Prepared {
             backoff: None,
             in_retry: false,
             operation,
-            op_key,
+            op,
             span,
         };
         Ok((request, call))
@@ -217,7 +228,7 @@ pin_project! {
     enum State<F> {
         Calling { #[pin] future: F },
         Acquiring { verdict: BoxFuture<Verdict>, delay: Duration },
-        Sleeping { #[pin] sleep: Sleep },
+        Sleeping { sleep: Pin<Box<Sleep>> },
         Ready,
         Refused,
         Done,
@@ -238,8 +249,9 @@ pin_project! {
         service: S,
         shared: Arc<Shared<C, H>>,
         call: Option<CallState<Req>>,
-        pending: Option<Result<S::Response, S::Error>>,
-        refused: Option<(StopReason, RetryInfo)>,
+        // Failure-path state, boxed so the success path moves a small future.
+        pending: Option<Box<Result<S::Response, S::Error>>>,
+        refused: Option<Refusal>,
     }
 }
 
@@ -266,7 +278,7 @@ where
     pub(crate) fn refused(
         service: S,
         shared: Arc<Shared<C, H>>,
-        refused: (StopReason, RetryInfo),
+        refused: Refusal,
     ) -> Self {
         ResponseFuture {
             state: State::Refused,
@@ -297,7 +309,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let _entered = this.call.as_ref().map(|c| c.span.clone().entered());
+        let _entered = match this.call.as_ref() {
+            Some(c) if !c.span.is_none() => Some(c.span.clone().entered()),
+            _ => None,
+        };
         // Bounded: each turn either returns or moves the state forward; a call makes at most
         // `MAX_RETRIES_LIMIT + 1` attempts.
         loop {
@@ -347,7 +362,7 @@ where
                                     start_wait(shared, call, delay, this.state.as_mut());
                                 }
                                 Next::Acquire(verdict, delay) => {
-                                    *this.pending = Some(result);
+                                    *this.pending = Some(Box::new(result));
                                     this.state.set(State::Acquiring { verdict, delay });
                                 }
                             }
@@ -361,7 +376,7 @@ where
                         unreachable!("an acquiring future has its call state")
                     };
                     let shared = &**this.shared;
-                    let result = this.pending.take();
+                    let result = this.pending.take().map(|r| *r);
                     let kind = call.last_kind.unwrap_or(ErrorKind::Other);
                     let reason = match verdict {
                         Verdict::Granted => None,
@@ -385,7 +400,7 @@ where
                     }
                 }
                 StateProj::Sleeping { sleep } => {
-                    ready!(sleep.poll(cx));
+                    ready!(sleep.as_mut().poll(cx));
                     this.state.set(State::Ready);
                 }
                 StateProj::Ready => {
@@ -393,13 +408,17 @@ where
                         let Some(call) = this.call.as_mut() else {
                             unreachable!("a ready future has its call state")
                         };
-                        let info = info_of(call, CallOutcome::Stopped(StopReason::NotRetryable));
+                        // The service broke before the retry: the call ends here, counted
+                        // and logged like any other stop.
+                        let kind = call.last_kind.unwrap_or(ErrorKind::Other);
                         this.state.set(State::Done);
-                        return Poll::Ready(Err(RetryError::new(
+                        return Poll::Ready(stop(
+                            this.shared,
+                            call,
+                            Err(e),
+                            kind,
                             StopReason::NotRetryable,
-                            info,
-                            Some(e),
-                        )));
+                        ));
                     }
                     let Some(call) = this.call.as_mut() else {
                         unreachable!("a ready future has its call state")
@@ -419,7 +438,7 @@ where
                     this.state.set(State::Calling { future });
                 }
                 StateProj::Refused => {
-                    let Some((reason, info)) = this.refused.take() else {
+                    let Some((reason, info)) = this.refused.take().map(|r| *r) else {
                         unreachable!("a refused future has its reason")
                     };
                     this.state.set(State::Done);
@@ -541,10 +560,7 @@ fn start_wait<Req, C, H, F>(
         .unwrap_or("call");
     let kind = call.last_kind.unwrap_or(ErrorKind::Other);
     let policy = &shared.layer.policy;
-    shared
-        .layer
-        .stats
-        .record_retry(call.op_key, || operation.to_owned(), kind, delay);
+    shared.layer.stats.record_retry(&call.op, kind, delay);
     tracing::warn!(
         target: "tower_retry_guard",
         operation,
@@ -565,17 +581,17 @@ fn start_wait<Req, C, H, F>(
         state.set(State::Ready);
     } else {
         state.set(State::Sleeping {
-            sleep: tokio::time::sleep(delay),
+            sleep: Box::pin(tokio::time::sleep(delay)),
         });
     }
 }
 
-fn info_of<Req>(call: &CallState<Req>, outcome: CallOutcome) -> RetryInfo {
+fn info_of<Req>(call: &CallState<Req>, outcome: CallOutcome, now: Instant) -> RetryInfo {
     RetryInfo {
         attempts: call.attempts,
         retries: call.attempts.saturating_sub(1),
         total_delay: call.total_delay,
-        elapsed: call.started.elapsed(),
+        elapsed: now.saturating_duration_since(call.started),
         key: call.key.clone(),
         last_error: call.last_kind,
         outcome,
@@ -593,15 +609,12 @@ where
     C: Classify<Res, E>,
 {
     let recovered = call.attempts > 1;
-    shared.layer.stats.record_success(
-        call.op_key,
-        || {
-            call.operation
-                .as_ref()
-                .map_or_else(|| "call".to_owned(), |o| o.as_str().to_owned())
-        },
-        if recovered { call.last_kind } else { None },
-    );
+    // One clock read serves the stats window and the info's elapsed time.
+    let now = Instant::now();
+    shared
+        .layer
+        .stats
+        .record_success(&call.op, now, if recovered { call.last_kind } else { None });
     match result {
         Ok(mut response) => {
             if recovered {
@@ -626,15 +639,15 @@ where
                 } else {
                     CallOutcome::Succeeded
                 };
-                let info = info_of(call, outcome);
-                shared.layer.classify.attach(&mut response, &info);
+                let info = info_of(call, outcome, now);
+                shared.layer.classify.attach(&mut response, info);
             }
             Ok(response)
         }
         // A classifier that calls an error a success: pass it through, unwrapped in a
         // RetryError that says so.
         Err(e) => {
-            let info = info_of(call, CallOutcome::Stopped(StopReason::NotRetryable));
+            let info = info_of(call, CallOutcome::Stopped(StopReason::NotRetryable), now);
             Err(RetryError::new(StopReason::NotRetryable, info, Some(e)))
         }
     }
@@ -655,22 +668,9 @@ where
     if call.operation.is_none() {
         // The call ended before a retry was considered (retries off, not retryable): name it
         // from its stats entry, made when the call started.
-        call.operation = shared
-            .layer
-            .stats
-            .name_of(call.op_key)
-            .map(|name| Operation(Cow::Owned(name)));
+        call.operation = Some(Operation(Cow::Owned(call.op.name().to_owned())));
     }
-    shared.layer.stats.record_stop(
-        call.op_key,
-        || {
-            call.operation
-                .as_ref()
-                .map_or_else(|| "call".to_owned(), |o| o.as_str().to_owned())
-        },
-        kind,
-        &reason,
-    );
+    shared.layer.stats.record_stop(&call.op, kind, &reason);
     let operation = call
         .operation
         .as_ref()
@@ -694,10 +694,10 @@ where
             "not retryable"
         );
     }
-    let info = info_of(call, CallOutcome::Stopped(reason.clone()));
+    let info = info_of(call, CallOutcome::Stopped(reason.clone()), Instant::now());
     match result {
         Ok(mut response) => {
-            shared.layer.classify.attach(&mut response, &info);
+            shared.layer.classify.attach(&mut response, info);
             Ok(response)
         }
         Err(e) => Err(RetryError::new(reason, info, Some(e))),

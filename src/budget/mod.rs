@@ -287,9 +287,9 @@ impl Budgets {
 
     /// A logical call started. On the success path: one atomic.
     #[inline]
-    pub(crate) fn on_call(&self) {
+    pub(crate) fn on_call(&self, now: tokio::time::Instant) {
         if let Some(r) = &self.ratio {
-            r.deposit();
+            r.deposit_at(now);
         }
     }
 

@@ -271,9 +271,17 @@ impl RetryRatio {
     }
 
     /// A logical call started (the success path: one atomic add).
-    #[inline]
+    #[cfg(test)]
     pub(crate) fn deposit(&self) {
-        self.calls.add(self.epoch());
+        self.deposit_at(Instant::now());
+    }
+
+    /// [`RetryRatio::deposit`] with the caller's clock reading.
+    #[inline]
+    pub(crate) fn deposit_at(&self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.start);
+        self.calls
+            .add((elapsed.as_nanos() / self.bucket_nanos) as u32);
     }
 
     /// Drops expired retry buckets from the window's count.

@@ -154,7 +154,7 @@ pub trait Classify<Res, E> {
     /// Called once on the response the layer returns, to attach the call's
     /// [`RetryInfo`](crate::RetryInfo) (the HTTP preset puts it in the response's extensions).
     /// The default does nothing.
-    fn attach(&self, response: &mut Res, info: &crate::RetryInfo) {
+    fn attach(&self, response: &mut Res, info: crate::RetryInfo) {
         let _ = (response, info);
     }
 
@@ -197,7 +197,7 @@ where
         }
     }
 
-    fn attach(&self, response: &mut Res, info: &crate::RetryInfo) {
+    fn attach(&self, response: &mut Res, info: crate::RetryInfo) {
         self.first.attach(response, info);
     }
 }
