@@ -36,6 +36,8 @@ pub(crate) struct CallState<Req> {
     backoff: Option<CallBackoff>,
     /// The attempt in flight is a retry (feeds the adaptive ratio).
     in_retry: bool,
+    /// Holds a retry-in-flight slot: from just before the retry is sent until it answers.
+    slot: bool,
     operation: Option<Operation>,
     op: OpHandle,
     span: tracing::Span,
@@ -139,6 +141,7 @@ impl Prepared {
             last_kind: None,
             backoff: None,
             in_retry: false,
+            slot: false,
             operation,
             op,
             span,
@@ -253,6 +256,19 @@ pin_project! {
         pending: Option<Box<Result<S::Response, S::Error>>>,
         refused: Option<Refusal>,
     }
+    impl<S, Req, C, H> PinnedDrop for ResponseFuture<S, Req, C, H>
+    where
+        S: Service<Req>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            // Finished or abandoned (the caller gave up while it slept): the call is no
+            // longer active, and a retry slot it held is free.
+            let this = this.project();
+            if let Some(call) = this.call.as_ref() {
+                this.shared.layer.budgets.on_call_end(call.slot);
+            }
+        }
+    }
 }
 
 impl<S, Req, C, H> ResponseFuture<S, Req, C, H>
@@ -275,11 +291,7 @@ where
         }
     }
 
-    pub(crate) fn refused(
-        service: S,
-        shared: Arc<Shared<C, H>>,
-        refused: Refusal,
-    ) -> Self {
+    pub(crate) fn refused(service: S, shared: Arc<Shared<C, H>>, refused: Refusal) -> Self {
         ResponseFuture {
             state: State::Refused,
             service,
@@ -323,6 +335,10 @@ where
                         unreachable!("a calling future has its call state")
                     };
                     let shared = &**this.shared;
+                    if call.slot {
+                        shared.layer.budgets.release_slot();
+                        call.slot = false;
+                    }
                     match shared.layer.classify.classify(&result) {
                         Outcome::Success => {
                             if call.in_retry {
@@ -358,7 +374,9 @@ where
                                     return Poll::Ready(stop(shared, call, result, kind, reason));
                                 }
                                 Next::Wait(delay) => {
-                                    drop(result);
+                                    // Kept through the sleep: returned if the retry cannot
+                                    // be sent after all (no slot in flight).
+                                    *this.pending = Some(Box::new(result));
                                     start_wait(shared, call, delay, this.state.as_mut());
                                 }
                                 Next::Acquire(verdict, delay) => {
@@ -376,7 +394,6 @@ where
                         unreachable!("an acquiring future has its call state")
                     };
                     let shared = &**this.shared;
-                    let result = this.pending.take().map(|r| *r);
                     let kind = call.last_kind.unwrap_or(ErrorKind::Other);
                     let reason = match verdict {
                         Verdict::Granted => None,
@@ -387,11 +404,13 @@ where
                             Some(StopReason::StoreUnavailable { error })
                         }
                     };
+                    if reason.is_none() {
+                        start_wait(shared, call, delay, this.state.as_mut());
+                        continue;
+                    }
+                    let result = this.pending.take().map(|r| *r);
                     match (reason, result) {
-                        (None, result) => {
-                            drop(result);
-                            start_wait(shared, call, delay, this.state.as_mut());
-                        }
+                        (None, _) => unreachable!("handled above"),
                         (Some(reason), Some(result)) => {
                             this.state.set(State::Done);
                             return Poll::Ready(stop(shared, call, result, kind, reason));
@@ -404,6 +423,34 @@ where
                     this.state.set(State::Ready);
                 }
                 StateProj::Ready => {
+                    let Some(call) = this.call.as_mut() else {
+                        unreachable!("a ready future has its call state")
+                    };
+                    if !call.slot {
+                        let budgets = &this.shared.layer.budgets;
+                        if let Err(limit) = budgets.take_slot() {
+                            // Too many retries are being sent right now: this one is not,
+                            // and gives its share of the process ratio back.
+                            budgets.refund_process();
+                            let kind = call.last_kind.unwrap_or(ErrorKind::Other);
+                            let Some(result) = this.pending.take().map(|r| *r) else {
+                                unreachable!("a retry keeps its failed result until sent")
+                            };
+                            this.state.set(State::Done);
+                            return Poll::Ready(stop(
+                                this.shared,
+                                call,
+                                result,
+                                kind,
+                                StopReason::Budget {
+                                    scope: crate::budget::Scope::InFlight,
+                                    key: None,
+                                    limit,
+                                },
+                            ));
+                        }
+                        call.slot = true;
+                    }
                     if let Err(e) = ready!(this.service.poll_ready(cx)) {
                         let Some(call) = this.call.as_mut() else {
                             unreachable!("a ready future has its call state")
@@ -434,6 +481,7 @@ where
                     }
                     call.attempts += 1;
                     call.in_retry = true;
+                    *this.pending = None;
                     let future = this.service.call(request);
                     this.state.set(State::Calling { future });
                 }

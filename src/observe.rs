@@ -137,9 +137,9 @@ struct KindCounters {
     recovered: AtomicU64,
     /// Calls that ran out of attempts or time (exhausted, deadline, hint too long).
     exhausted: AtomicU64,
-    /// Calls denied a retry by a budget, per scope (operation, task, user, process) and
-    /// store unavailable (index 4).
-    denied: [AtomicU64; 5],
+    /// Calls denied a retry by a budget, per scope (operation, task, user, process, in
+    /// flight) and store unavailable (index 5).
+    denied: [AtomicU64; 6],
     /// Calls not retried for another reason (not retryable, side effect without key,
     /// output unchanged, not cloneable, inner gave up).
     not_retried: AtomicU64,
@@ -244,8 +244,9 @@ pub struct KindSnapshot {
     pub recovered: u64,
     /// Calls that ran out of attempts or time.
     pub exhausted: u64,
-    /// Calls denied by a budget: operation, task, user, process, store unavailable.
-    pub denied: [u64; 5],
+    /// Calls denied by a budget: operation, task, user, process, in flight, store
+    /// unavailable.
+    pub denied: [u64; 6],
     /// Calls not retried for another reason.
     pub not_retried: u64,
 }
@@ -263,6 +264,7 @@ fn scope_index(scope: Scope) -> usize {
         Scope::Task => 1,
         Scope::User => 2,
         Scope::Process => 3,
+        Scope::InFlight => 4,
     }
 }
 
@@ -425,7 +427,7 @@ impl RetryStats {
                     true
                 }
                 StopReason::StoreUnavailable { .. } => {
-                    k.denied[4].fetch_add(1, Relaxed);
+                    k.denied[5].fetch_add(1, Relaxed);
                     true
                 }
                 _ => {
@@ -492,7 +494,7 @@ impl RetryStats {
             t.retries += k.retries;
             t.recovered += k.recovered;
             t.exhausted += k.exhausted;
-            for i in 0..5 {
+            for i in 0..6 {
                 t.denied[i] += k.denied[i];
             }
             t.not_retried += k.not_retried;
