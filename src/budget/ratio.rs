@@ -406,7 +406,7 @@ impl RetryRatio {
         let c = &self.config;
         format!(
             "retries <= {} x calls + {} x succeeded retries, at most {} x calls (floor {} \
-             less failed retries) over {:?}; now {}",
+            ) over {:?}; now {}",
             self.ratio as f64 / SCALE as f64,
             self.credit as f64 / SCALE as f64,
             self.max_ratio as f64 / SCALE as f64,
