@@ -67,12 +67,18 @@ impl Prepared {
                     request.set_idempotency_key(&existing, names);
                     key = Some(existing);
                 }
-                Ok(None) if layer.mint_keys => {
-                    let minted = IdempotencyKey::generate();
-                    request.set_idempotency_key(&minted, names);
-                    key = Some(minted);
+                Ok(None) => {
+                    // The layer's closure names the key, or the layer mints one.
+                    let chosen = match layer.key_fn.as_ref().and_then(|f| f(&request.view())) {
+                        Some(derived) => Some(derived),
+                        None if layer.mint_keys => Some(IdempotencyKey::generate()),
+                        None => None,
+                    };
+                    if let Some(chosen) = chosen {
+                        request.set_idempotency_key(&chosen, names);
+                        key = Some(chosen);
+                    }
                 }
-                Ok(None) => {}
                 Err(invalid) => {
                     let operation = operation_of(shared, &request);
                     let handle = layer.stats.handle(OpKey::of_name(operation.as_str()), || {

@@ -158,6 +158,16 @@ pub trait Classify<Res, E> {
         let _ = (response, info);
     }
 
+    /// The same as [`Classify::or_else`]: `self`, or else `next` for what `self` calls a
+    /// success (`LlmHttp.or(validate_output)`).
+    fn or<N>(self, next: N) -> OrElse<Self, N>
+    where
+        Self: Sized,
+        N: Classify<Res, E>,
+    {
+        OrElse { first: self, next }
+    }
+
     /// Use `next` to classify what `self` calls a success (for example: the HTTP preset
     /// first, then a validator of the model's output).
     fn or_else<N>(self, next: N) -> OrElse<Self, N>
