@@ -105,9 +105,9 @@ mod service;
 
 pub use crate::backoff::{Backoff, Jitter};
 pub use crate::body::{BufferErrorBodyLayer, BufferRequestBodyLayer, BufferedBody, ErrorBody};
-pub use crate::budget::{BudgetStore, Budgets, MemoryStore};
 #[cfg(feature = "redis")]
 pub use crate::budget::RedisStore;
+pub use crate::budget::{BudgetStore, Budgets, MemoryStore};
 pub use crate::classify::{Classify, ErrorKind, LlmHttp, Outcome};
 pub use crate::error::{RetryError, StopReason};
 pub use crate::future::ResponseFuture;

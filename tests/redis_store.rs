@@ -34,8 +34,8 @@ use tower_retry_guard::server::{
     MemoryIdempotencyStore, ScopedKey, Stored,
 };
 use tower_retry_guard::{
-    Backoff, CallOutcome, IdempotencyKey, Jitter, RedisStore, RetryInfo, RetryLayer,
-    RetryPolicy, StopReason,
+    Backoff, CallOutcome, IdempotencyKey, Jitter, RedisStore, RetryInfo, RetryLayer, RetryPolicy,
+    StopReason,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -240,7 +240,10 @@ async fn budget_suite<S: BudgetStore>(s: S) -> Vec<String> {
         );
     }
     log("task alone", s.draw(std::slice::from_ref(&task)).await);
-    log("task alone again", s.draw(std::slice::from_ref(&task)).await);
+    log(
+        "task alone again",
+        s.draw(std::slice::from_ref(&task)).await,
+    );
 
     // A rate: 1 a minute, bursts of 3.
     let rate = Limit::Rate {
@@ -254,7 +257,10 @@ async fn budget_suite<S: BudgetStore>(s: S) -> Vec<String> {
     }
     // A refused rate draw is not charged either.
     let t5 = d(Scope::Task, "t5", count(5, HOUR));
-    log("task + empty rate", s.draw(&[t5.clone(), u[0].clone()]).await);
+    log(
+        "task + empty rate",
+        s.draw(&[t5.clone(), u[0].clone()]).await,
+    );
     log("task count untouched", s.draw(&[t5]).await);
 
     // Limits that never allow, or never refill.
@@ -267,10 +273,7 @@ async fn budget_suite<S: BudgetStore>(s: S) -> Vec<String> {
         per: Duration::from_secs(1),
         burst: 0,
     };
-    log(
-        "burst 0",
-        s.draw(&[d(Scope::User, "u7", no_burst)]).await,
-    );
+    log("burst 0", s.draw(&[d(Scope::User, "u7", no_burst)]).await);
     let no_refill = Limit::Rate {
         tokens: 0,
         per: Duration::from_secs(1),
@@ -317,7 +320,9 @@ async fn budget_suite<S: BudgetStore>(s: S) -> Vec<String> {
             granted += 1;
         }
     }
-    out.push(format!("20 racing draws on a limit of 5: {granted} granted"));
+    out.push(format!(
+        "20 racing draws on a limit of 5: {granted} granted"
+    ));
     out
 }
 
@@ -399,14 +404,26 @@ async fn idempotency_suite<S: IdempotencyStore>(s: S) -> Vec<String> {
     let ttl = HOUR;
 
     let k = key(None, "k1");
-    out.push(format!("begin: {}", show_begin(s.begin(&k, fp, lease).await)));
-    out.push(format!("again: {}", show_begin(s.begin(&k, fp, lease).await)));
+    out.push(format!(
+        "begin: {}",
+        show_begin(s.begin(&k, fp, lease).await)
+    ));
+    out.push(format!(
+        "again: {}",
+        show_begin(s.begin(&k, fp, lease).await)
+    ));
     out.push(format!(
         "other request: {}",
         show_begin(s.begin(&k, other, lease).await)
     ));
-    out.push(format!("complete: {:?}", s.complete(&k, response(1), ttl).await));
-    out.push(format!("replay: {}", show_begin(s.begin(&k, fp, lease).await)));
+    out.push(format!(
+        "complete: {:?}",
+        s.complete(&k, response(1), ttl).await
+    ));
+    out.push(format!(
+        "replay: {}",
+        show_begin(s.begin(&k, fp, lease).await)
+    ));
     out.push(format!(
         "other request after: {}",
         show_begin(s.begin(&k, other, lease).await)
@@ -426,24 +443,48 @@ async fn idempotency_suite<S: IdempotencyStore>(s: S) -> Vec<String> {
     // Principals scope keys.
     let a = key(Some("alice"), "shared");
     let b = key(Some("bob"), "shared");
-    out.push(format!("alice: {}", show_begin(s.begin(&a, fp, lease).await)));
-    out.push(format!("bob: {}", show_begin(s.begin(&b, other, lease).await)));
-    out.push(format!("alice completes: {:?}", s.complete(&a, response(3), ttl).await));
-    out.push(format!("bob still: {}", show_begin(s.begin(&b, other, lease).await)));
+    out.push(format!(
+        "alice: {}",
+        show_begin(s.begin(&a, fp, lease).await)
+    ));
+    out.push(format!(
+        "bob: {}",
+        show_begin(s.begin(&b, other, lease).await)
+    ));
+    out.push(format!(
+        "alice completes: {:?}",
+        s.complete(&a, response(3), ttl).await
+    ));
+    out.push(format!(
+        "bob still: {}",
+        show_begin(s.begin(&b, other, lease).await)
+    ));
 
     // Release frees an in-flight key for anyone.
     let r = key(None, "k2");
-    out.push(format!("claim: {}", show_begin(s.begin(&r, fp, lease).await)));
+    out.push(format!(
+        "claim: {}",
+        show_begin(s.begin(&r, fp, lease).await)
+    ));
     out.push(format!("release: {:?}", s.release(&r).await));
     out.push(format!(
         "claim after release: {}",
         show_begin(s.begin(&r, other, lease).await)
     ));
-    out.push(format!("release unknown: {:?}", s.release(&key(None, "nope")).await));
-    out.push(format!("renew unknown: {:?}", s.renew(&key(None, "nope"), lease).await));
+    out.push(format!(
+        "release unknown: {:?}",
+        s.release(&key(None, "nope")).await
+    ));
+    out.push(format!(
+        "renew unknown: {:?}",
+        s.renew(&key(None, "nope"), lease).await
+    ));
     out.push(format!(
         "complete unclaimed: {}",
-        if s.complete(&key(None, "nope"), response(9), ttl).await.is_err() {
+        if s.complete(&key(None, "nope"), response(9), ttl)
+            .await
+            .is_err()
+        {
             "error"
         } else {
             "ok"
@@ -455,14 +496,23 @@ async fn idempotency_suite<S: IdempotencyStore>(s: S) -> Vec<String> {
     let l = key(None, "lease");
     let n = key(None, "renewed");
     let t = key(None, "ttl");
-    out.push(format!("short lease: {}", show_begin(s.begin(&l, fp, short).await)));
+    out.push(format!(
+        "short lease: {}",
+        show_begin(s.begin(&l, fp, short).await)
+    ));
     out.push(format!(
         "lease to renew: {}",
         show_begin(s.begin(&n, fp, Duration::from_secs(1)).await)
     ));
     out.push(format!("renew: {:?}", s.renew(&n, lease).await));
-    out.push(format!("to expire: {}", show_begin(s.begin(&t, fp, lease).await)));
-    out.push(format!("complete short: {:?}", s.complete(&t, response(4), short).await));
+    out.push(format!(
+        "to expire: {}",
+        show_begin(s.begin(&t, fp, lease).await)
+    ));
+    out.push(format!(
+        "complete short: {:?}",
+        s.complete(&t, response(4), short).await
+    ));
     tokio::time::sleep(Duration::from_millis(1300)).await;
     out.push(format!(
         "after the lease: {}",
@@ -555,7 +605,10 @@ async fn prefixes_separate_stores_and_malformed_values_are_errors() {
         let answer = ask(server.port, &format!("SET a:i:g:k {junk}\r\n")).expect("SET");
         assert!(answer.starts_with("+OK"), "{answer}");
         let begin = a.begin(&k, fp, HOUR).await;
-        assert!(begin.is_err() || begin == Ok(Begin::Mismatch), "{junk}: {begin:?}");
+        assert!(
+            begin.is_err() || begin == Ok(Begin::Mismatch),
+            "{junk}: {begin:?}"
+        );
     }
     // A finished entry whose fingerprint matches but whose response is truncated.
     let mut v = vec![b'D'];
@@ -756,22 +809,26 @@ async fn two_servers_behind_one_redis_run_a_duplicate_once() {
     let key = "\"3b8e4f0c-5a6d-4f7e-8a9b-0c1d2e3f4a5b\"";
 
     // The same request reaches both servers at once (a retry after a lost response).
-    let (a, b) = tokio::join!(
-        post_email(&client, one, key),
-        post_email(&client, two, key)
-    );
+    let (a, b) = tokio::join!(post_email(&client, one, key), post_email(&client, two, key));
     let mut statuses = [a.status, b.status];
     statuses.sort();
     assert_eq!(statuses, [StatusCode::CREATED, StatusCode::CONFLICT]);
     assert_eq!(app.effects.load(Ordering::SeqCst), 1);
-    let first = if a.status == StatusCode::CREATED { a } else { b };
+    let first = if a.status == StatusCode::CREATED {
+        a
+    } else {
+        b
+    };
 
     // Later duplicates, on either server, replay the stored response.
     for addr in [one, two] {
         let again = post_email(&client, addr, key).await;
         assert_eq!(again.status, StatusCode::CREATED);
         assert_eq!(again.body, first.body);
-        assert_eq!(again.headers.get("x-email-id"), first.headers.get("x-email-id"));
+        assert_eq!(
+            again.headers.get("x-email-id"),
+            first.headers.get("x-email-id")
+        );
         assert_eq!(again.headers[IDEMPOTENT_REPLAYED], "true");
     }
     assert_eq!(app.effects.load(Ordering::SeqCst), 1);

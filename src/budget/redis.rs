@@ -371,7 +371,9 @@ impl RedisStore {
 /// Whole milliseconds, rounded up, at least 1 and at most [`MAX_EXPIRY_MS`].
 fn millis(d: Duration) -> u64 {
     let ms = d.as_micros().div_ceil(1000);
-    u64::try_from(ms).unwrap_or(u64::MAX).clamp(1, MAX_EXPIRY_MS)
+    u64::try_from(ms)
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_EXPIRY_MS)
 }
 
 fn micros(d: Duration) -> u64 {
@@ -567,7 +569,9 @@ fn decode_stored(bytes: &[u8]) -> Result<Stored, StoreError> {
     let mut headers = HeaderMap::with_capacity(count);
     for _ in 0..count {
         let n = r.u16().ok_or_else(|| bad("truncated header"))?;
-        let name = r.take(usize::from(n)).ok_or_else(|| bad("truncated header"))?;
+        let name = r
+            .take(usize::from(n))
+            .ok_or_else(|| bad("truncated header"))?;
         let name = HeaderName::from_bytes(name).map_err(|_| bad("invalid header name"))?;
         let v = r.u32().ok_or_else(|| bad("truncated header"))?;
         let v = usize::try_from(v).map_err(|_| bad("header value length"))?;
