@@ -947,3 +947,44 @@ async fn a_store_that_never_connected_errors_within_its_timeout() {
 fn new_outside_a_runtime_is_an_error_not_a_panic() {
     assert!(RedisStore::new("redis://127.0.0.1:1/").is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_is_a_timeout_not_a_hang_and_answers_resume() {
+    let server = RedisServer::start();
+    let store = server.store("frozen:").timeout(Duration::from_millis(100));
+    let t = [d(Scope::Task, "t", count(2, HOUR))];
+    assert_eq!(store.draw(&t).await, Ok(Grant::Granted));
+
+    // SIGSTOP: the connection stays open, but nothing answers.
+    let pid = server.child.as_ref().expect("running").id().to_string();
+    let signal = |sig: &str| {
+        let status = Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+    let frozen = tokio::time::timeout(Duration::from_secs(10), store.draw(&t)).await;
+    let answer = frozen.expect("the store's own timeout ends the call");
+    let error = answer.expect_err("no answer is an error");
+    assert!(error.to_string().contains("no answer within"), "{error}");
+    signal("-CONT");
+
+    // Resumed: the late answer to the abandoned call is discarded (it may or may not have
+    // been applied in Redis: a timed-out draw counts as spent, never as refunded).
+    let after = eventually(50, || {
+        let store = store.clone();
+        let t = t.clone();
+        async move { store.draw(&t).await }
+    })
+    .await;
+    assert!(matches!(after, Grant::Granted | Grant::Denied { .. }));
+    assert!(matches!(
+        store.draw(&t).await,
+        Ok(Grant::Denied {
+            scope: Scope::Task,
+            ..
+        })
+    ));
+}

@@ -40,6 +40,14 @@
 //! (fail closed by default); the [`IdempotencyLayer`](crate::server::IdempotencyLayer) answers
 //! 503.
 //!
+//! A call that timed out may still run in Redis when its bytes arrive (Redis was slow, not
+//! gone): a budget draw is then spent though the retry did not happen, which errs on the side
+//! of fewer retries, never more.
+//!
+//! The trait's `complete` carries no claim token, so "our claim" means "the key is still in
+//! flight": a claimant whose lease ran out (no renewal for a whole lease) and whose key was
+//! claimed again completes the newer claim, as with the memory store.
+//!
 //! Requires Redis 5 or later (scripts that call `TIME` and then write).
 
 use std::fmt;
