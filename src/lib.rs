@@ -105,6 +105,8 @@ mod service;
 
 pub use crate::backoff::{Backoff, Jitter};
 pub use crate::body::{BufferErrorBodyLayer, BufferRequestBodyLayer, BufferedBody, ErrorBody};
+#[cfg(feature = "redis")]
+pub use crate::budget::RedisStore;
 pub use crate::budget::{BudgetStore, Budgets, MemoryStore};
 pub use crate::classify::{Classify, ErrorKind, LlmHttp, Outcome};
 pub use crate::error::{RetryError, StopReason};

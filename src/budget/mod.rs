@@ -22,11 +22,15 @@
 mod in_flight;
 mod memory;
 mod ratio;
+#[cfg(feature = "redis")]
+mod redis;
 
 use self::in_flight::InFlight;
 pub use self::in_flight::InFlightCap;
 pub use self::memory::MemoryStore;
 pub use self::ratio::{RatioConfig, RetryRatio};
+#[cfg(feature = "redis")]
+pub use self::redis::{DEFAULT_PREFIX, DEFAULT_TIMEOUT, RedisStore};
 
 // The rule of the process ratio is documented on `RetryRatio`'s module (`ratio.rs`) and
 // summed up on `RatioConfig`'s fields.

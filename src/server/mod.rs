@@ -30,7 +30,8 @@
 //!   executors): concurrent duplicates wait for the first call and share its result; later
 //!   ones get the kept result.
 //! - [`IdempotencyStore`] — where keys live: claim, then complete or release.
-//!   [`MemoryIdempotencyStore`] keeps them in this process.
+//!   [`MemoryIdempotencyStore`] keeps them in this process; `RedisStore` (feature `redis`)
+//!   shares them between processes.
 //!
 //! ```
 //! use axum::{Router, body::Body, routing::post};
@@ -80,6 +81,9 @@ pub use self::idempotency::{
 pub use self::store::{
     Begin, Fingerprint, IdempotencyStore, MemoryIdempotencyStore, ScopedKey, Stored,
 };
+/// The Redis store also holds idempotency keys (feature `redis`).
+#[cfg(feature = "redis")]
+pub use crate::budget::RedisStore;
 
 use std::any::Any;
 use std::future::Future;
