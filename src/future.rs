@@ -30,6 +30,8 @@ pub(crate) struct CallState<Req> {
     attempts: u32,
     started: Instant,
     total_delay: Duration,
+    /// The delay before the retry being prepared; counted in the stats once it is sent.
+    delay: Duration,
     key: Option<IdempotencyKey>,
     side_effect: SideEffect,
     last_kind: Option<ErrorKind>,
@@ -136,6 +138,7 @@ impl Prepared {
             attempts: 1,
             started,
             total_delay: Duration::ZERO,
+            delay: Duration::ZERO,
             key,
             side_effect,
             last_kind: None,
@@ -479,6 +482,14 @@ where
                     if call.attempts < this.shared.layer.policy.max_retries() {
                         call.next = request.try_clone();
                     }
+                    // Counted now, not when decided: a retry refused on the way (no slot in
+                    // flight, the service broke) was never sent, and its failed attempt is
+                    // counted once, by the stop.
+                    let kind = call.last_kind.unwrap_or(ErrorKind::Other);
+                    this.shared
+                        .layer
+                        .stats
+                        .record_retry(&call.op, kind, call.delay);
                     call.attempts += 1;
                     call.in_retry = true;
                     *this.pending = None;
@@ -601,6 +612,7 @@ fn start_wait<Req, C, H, F>(
     mut state: Pin<&mut State<F>>,
 ) {
     call.total_delay += delay;
+    call.delay = delay;
     let operation = call
         .operation
         .as_ref()
@@ -608,7 +620,6 @@ fn start_wait<Req, C, H, F>(
         .unwrap_or("call");
     let kind = call.last_kind.unwrap_or(ErrorKind::Other);
     let policy = &shared.layer.policy;
-    shared.layer.stats.record_retry(&call.op, kind, delay);
     tracing::warn!(
         target: "tower_retry_guard",
         operation,
