@@ -233,7 +233,7 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Calling { #[pin] future: F },
-        Acquiring { verdict: BoxFuture<Verdict>, delay: Duration },
+        Acquiring { verdict: BoxFuture<Verdict>, delay: Duration, decided: Instant },
         Sleeping { sleep: Pin<Box<Sleep>> },
         Ready,
         Refused,
@@ -384,15 +384,25 @@ where
                                 }
                                 Next::Acquire(verdict, delay) => {
                                     *this.pending = Some(Box::new(result));
-                                    this.state.set(State::Acquiring { verdict, delay });
+                                    this.state.set(State::Acquiring {
+                                        verdict,
+                                        delay,
+                                        decided: Instant::now(),
+                                    });
                                 }
                             }
                         }
                     }
                 }
-                StateProj::Acquiring { verdict, delay } => {
+                StateProj::Acquiring {
+                    verdict,
+                    delay,
+                    decided,
+                } => {
                     let verdict = ready!(verdict.as_mut().poll(cx));
-                    let delay = *delay;
+                    // The wait began when the retry was decided (and checked against the
+                    // deadline): the store's answer time is part of it, not added to it.
+                    let delay = delay.saturating_sub(decided.elapsed());
                     let Some(call) = this.call.as_mut() else {
                         unreachable!("an acquiring future has its call state")
                     };
@@ -406,6 +416,17 @@ where
                         Verdict::StoreUnavailable(error) => {
                             Some(StopReason::StoreUnavailable { error })
                         }
+                    };
+                    let policy = &shared.layer.policy;
+                    let reason = match reason {
+                        // A store slower than the time left: the retry would start too late.
+                        None if call.started.elapsed() + delay >= policy.max_total_time() => {
+                            shared.layer.budgets.refund_process();
+                            Some(StopReason::Deadline {
+                                max_total_time: policy.max_total_time(),
+                            })
+                        }
+                        other => other,
                     };
                     if reason.is_none() {
                         start_wait(shared, call, delay, this.state.as_mut());
