@@ -30,6 +30,8 @@ pub(crate) struct CallState<Req> {
     attempts: u32,
     started: Instant,
     total_delay: Duration,
+    /// The delay before the retry being prepared; counted in the stats once it is sent.
+    delay: Duration,
     key: Option<IdempotencyKey>,
     side_effect: SideEffect,
     last_kind: Option<ErrorKind>,
@@ -142,6 +144,7 @@ impl Prepared {
             attempts: 1,
             started,
             total_delay: Duration::ZERO,
+            delay: Duration::ZERO,
             key,
             side_effect,
             last_kind: None,
@@ -236,7 +239,7 @@ pin_project! {
     #[project = StateProj]
     enum State<F> {
         Calling { #[pin] future: F },
-        Acquiring { verdict: BoxFuture<Verdict>, delay: Duration },
+        Acquiring { verdict: BoxFuture<Verdict>, delay: Duration, decided: Instant },
         Sleeping { sleep: Pin<Box<Sleep>> },
         Ready,
         Refused,
@@ -387,15 +390,25 @@ where
                                 }
                                 Next::Acquire(verdict, delay) => {
                                     *this.pending = Some(Box::new(result));
-                                    this.state.set(State::Acquiring { verdict, delay });
+                                    this.state.set(State::Acquiring {
+                                        verdict,
+                                        delay,
+                                        decided: Instant::now(),
+                                    });
                                 }
                             }
                         }
                     }
                 }
-                StateProj::Acquiring { verdict, delay } => {
+                StateProj::Acquiring {
+                    verdict,
+                    delay,
+                    decided,
+                } => {
                     let verdict = ready!(verdict.as_mut().poll(cx));
-                    let delay = *delay;
+                    // The wait began when the retry was decided (and checked against the
+                    // deadline): the store's answer time is part of it, not added to it.
+                    let delay = delay.saturating_sub(decided.elapsed());
                     let Some(call) = this.call.as_mut() else {
                         unreachable!("an acquiring future has its call state")
                     };
@@ -409,6 +422,17 @@ where
                         Verdict::StoreUnavailable(error) => {
                             Some(StopReason::StoreUnavailable { error })
                         }
+                    };
+                    let policy = &shared.layer.policy;
+                    let reason = match reason {
+                        // A store slower than the time left: the retry would start too late.
+                        None if call.started.elapsed() + delay >= policy.max_total_time() => {
+                            shared.layer.budgets.refund_process();
+                            Some(StopReason::Deadline {
+                                max_total_time: policy.max_total_time(),
+                            })
+                        }
+                        other => other,
                     };
                     if reason.is_none() {
                         start_wait(shared, call, delay, this.state.as_mut());
@@ -485,6 +509,14 @@ where
                     if call.attempts < this.shared.layer.policy.max_retries() {
                         call.next = request.try_clone();
                     }
+                    // Counted now, not when decided: a retry refused on the way (no slot in
+                    // flight, the service broke) was never sent, and its failed attempt is
+                    // counted once, by the stop.
+                    let kind = call.last_kind.unwrap_or(ErrorKind::Other);
+                    this.shared
+                        .layer
+                        .stats
+                        .record_retry(&call.op, kind, call.delay);
                     call.attempts += 1;
                     call.in_retry = true;
                     *this.pending = None;
@@ -607,6 +639,7 @@ fn start_wait<Req, C, H, F>(
     mut state: Pin<&mut State<F>>,
 ) {
     call.total_delay += delay;
+    call.delay = delay;
     let operation = call
         .operation
         .as_ref()
@@ -614,7 +647,6 @@ fn start_wait<Req, C, H, F>(
         .unwrap_or("call");
     let kind = call.last_kind.unwrap_or(ErrorKind::Other);
     let policy = &shared.layer.policy;
-    shared.layer.stats.record_retry(&call.op, kind, delay);
     tracing::warn!(
         target: "tower_retry_guard",
         operation,

@@ -386,7 +386,7 @@ impl RetryStats {
         });
     }
 
-    /// An attempt failed with `kind` and a retry follows after `delay`.
+    /// An attempt failed with `kind` and a retry was sent after `delay`.
     pub(crate) fn record_retry(&self, handle: &OpHandle, kind: ErrorKind, delay: Duration) {
         let _ = delay;
         self.with_handle(handle, Instant::now(), |op, bucket| {

@@ -343,10 +343,25 @@ pub(crate) fn key_from_headers(
     headers: &HeaderMap,
     names: &HeaderNames,
 ) -> Result<Option<IdempotencyKey>, InvalidKey> {
-    match headers.get(&names.idempotency_key) {
+    match single_header(headers, &names.idempotency_key)? {
         Some(v) => IdempotencyKey::from_header(v).map(Some),
         None => Ok(None),
     }
+}
+
+/// The one value of a key header. Two values (two header lines, or lists joined into one
+/// field) name two keys: which one a server dedupes on is anyone's guess, so it is invalid
+/// (a structured-field Item cannot be a list).
+pub(crate) fn single_header<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<&'a HeaderValue>, InvalidKey> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(InvalidKey::new("more than one idempotency key header"));
+    }
+    Ok(first)
 }
 
 /// Stamps the key, unless the request sent one itself: that one is never replaced, not

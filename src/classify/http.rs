@@ -39,9 +39,14 @@ impl LlmHttp {
             return Outcome::Success;
         }
         let kind = kind_of(status);
-        let retry = match headers.get("x-should-retry").map(|v| v.as_bytes()) {
-            Some(b"true") => true,
-            Some(b"false") => false,
+        // Case and surrounding whitespace do not matter: `TRUE` and `True` (some gateways
+        // and proxies rewrite the value) mean the same as `true`.
+        let verdict = headers
+            .get("x-should-retry")
+            .map(|v| v.as_bytes().trim_ascii());
+        let retry = match verdict {
+            Some(v) if v.eq_ignore_ascii_case(b"true") => true,
+            Some(v) if v.eq_ignore_ascii_case(b"false") => false,
             _ => is_retryable(status),
         };
         if retry {

@@ -313,7 +313,14 @@ where
         let state = &self.state;
         let now = Instant::now();
         state.maybe_sweep(now, self.config.sweep_every);
-        let full = state.map.len() >= self.config.max_keys;
+        let mut full = state.map.len() >= self.config.max_keys;
+        if full {
+            // Expired results count until a sweep drops them: before refusing a key for want
+            // of room, make room from them (at most once a second, so a map that is really
+            // full is not scanned on every call).
+            state.maybe_sweep(now, self.config.sweep_every.min(Duration::from_secs(1)));
+            full = state.map.len() >= self.config.max_keys;
+        }
         let lead = || {
             let (tx, rx) = watch::channel(None);
             let id = state.next_id.fetch_add(1, Ordering::Relaxed);

@@ -287,31 +287,43 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let key = match req.headers().get(&config.header) {
+    // Two key headers are ambiguous: malformed (400), not "the first one".
+    let key_header = crate::request::single_header(req.headers(), &config.header);
+    let key = match key_header {
         _ if req.method().is_safe() => None,
-        None if config.required.contains(req.method()) => {
-            let detail = format!(
-                "{} requests need an `{}` header (a unique string, such as a UUID, sent again unchanged on every retry)",
-                req.method(),
-                config.header
-            );
+        Err(e) => {
+            let detail = format!("the `{}` header is not valid: {e}", config.header);
             return Ok(problem(
                 StatusCode::BAD_REQUEST,
-                "Idempotency key missing",
+                "Idempotency key malformed",
                 &detail,
             ));
         }
-        None => None,
-        Some(value) => match IdempotencyKey::from_header(value) {
-            Ok(key) => Some(key),
-            Err(e) => {
-                let detail = format!("the `{}` header is not valid: {e}", config.header);
+        Ok(key_header) => match key_header {
+            None if config.required.contains(req.method()) => {
+                let detail = format!(
+                    "{} requests need an `{}` header (a unique string, such as a UUID, sent again unchanged on every retry)",
+                    req.method(),
+                    config.header
+                );
                 return Ok(problem(
                     StatusCode::BAD_REQUEST,
-                    "Idempotency key malformed",
+                    "Idempotency key missing",
                     &detail,
                 ));
             }
+            None => None,
+            Some(value) => match IdempotencyKey::from_header(value) {
+                Ok(key) => Some(key),
+                Err(e) => {
+                    let detail = format!("the `{}` header is not valid: {e}", config.header);
+                    return Ok(problem(
+                        StatusCode::BAD_REQUEST,
+                        "Idempotency key malformed",
+                        &detail,
+                    ));
+                }
+            },
         },
     };
     let Some(key) = key else {

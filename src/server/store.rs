@@ -280,10 +280,15 @@ impl MemoryIdempotencyStore {
     }
 
     fn maybe_sweep(&self, now: Instant) {
+        self.sweep_if_older(now, self.inner.sweep_every);
+    }
+
+    /// Sweeps if the last sweep is at least `every` old.
+    fn sweep_if_older(&self, now: Instant, every: Duration) {
         let inner = &self.inner;
         let ms = now.saturating_duration_since(inner.epoch).as_millis() as u64;
         let last = inner.last_sweep.load(Ordering::Relaxed);
-        if ms.saturating_sub(last) >= inner.sweep_every.as_millis() as u64
+        if ms.saturating_sub(last) >= every.as_millis() as u64
             && inner
                 .last_sweep
                 .compare_exchange(last, ms, Ordering::Relaxed, Ordering::Relaxed)
@@ -309,7 +314,14 @@ impl IdempotencyStore for MemoryIdempotencyStore {
         };
         // The length is read before taking the entry's shard lock (reading it under the lock
         // would deadlock); the cap is approximate under races, by at most the callers racing.
-        let full = self.inner.map.len() >= self.inner.max_entries;
+        let mut full = self.inner.map.len() >= self.inner.max_entries;
+        if full {
+            // Expired entries count until a sweep drops them: before refusing a new key for
+            // want of room (a 503), make room from them. At most once a second, so a store
+            // that is really full is not scanned on every request.
+            self.sweep_if_older(now, self.inner.sweep_every.min(Duration::from_secs(1)));
+            full = self.inner.map.len() >= self.inner.max_entries;
+        }
         match self.inner.map.entry(key.clone()) {
             MapEntry::Occupied(mut e) => {
                 let answer = match e.get() {
