@@ -587,6 +587,15 @@ where
     let elapsed = call.started.elapsed();
     let remaining = policy.max_total_time().saturating_sub(elapsed);
     let mut delay = backoff;
+    if remaining.is_zero() {
+        // The time is up whatever the server says.
+        return Next::Stop(
+            kind,
+            StopReason::Deadline {
+                max_total_time: policy.max_total_time(),
+            },
+        );
+    }
     if let Some(hint) = after {
         if hint > policy.max_retry_after() {
             return Next::Stop(

@@ -757,3 +757,79 @@ async fn or_else_extends_the_preset_with_a_body_check() {
         }
     );
 }
+
+mod replayed_and_late {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    use http::{Request, Response};
+    use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+    use tower_retry_guard::{
+        Backoff, Budgets, CallOutcome, ErrorKind, RetryInfo, RetryLayer, RetryPolicy, StopReason,
+    };
+
+    #[tokio::test(start_paused = true)]
+    async fn a_replayed_server_error_is_not_retried() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let c = calls.clone();
+        let mut svc = ServiceBuilder::new()
+            .layer(RetryLayer::new().budgets(Budgets::none()))
+            .service_fn(move |_: Request<String>| {
+                c.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    Ok::<_, BoxError>(
+                        Response::builder()
+                            .status(500)
+                            .header("idempotent-replayed", "true")
+                            .body(String::new())?,
+                    )
+                }
+            });
+        let req = Request::post("/tools/send_email")
+            .body(String::new())
+            .unwrap();
+        let res = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert_eq!(res.status(), 500);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        let info = res.extensions().get::<RetryInfo>().unwrap();
+        assert_eq!(info.last_error, Some(ErrorKind::ServerError));
+        assert_eq!(info.outcome, CallOutcome::Stopped(StopReason::NotRetryable));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_that_ends_past_the_deadline_stops_on_the_deadline_even_with_a_zero_hint() {
+        let policy = RetryPolicy::builder()
+            .max_total_time(Duration::from_secs(1))
+            .backoff(Backoff::Constant(Duration::ZERO))
+            .build()
+            .unwrap();
+        let mut svc = ServiceBuilder::new()
+            .layer(RetryLayer::new().policy(policy).budgets(Budgets::none()))
+            .service_fn(|_: Request<String>| async move {
+                // The attempt alone outlasts the call's total time.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                Ok::<_, BoxError>(
+                    Response::builder()
+                        .status(503)
+                        .header("retry-after", "0")
+                        .body(String::new())?,
+                )
+            });
+        let res = svc
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::get("/").body(String::new()).unwrap())
+            .await
+            .unwrap();
+        let info = res.extensions().get::<RetryInfo>().unwrap();
+        assert_eq!(info.attempts, 1);
+        assert_eq!(
+            info.outcome,
+            CallOutcome::Stopped(StopReason::Deadline {
+                max_total_time: Duration::from_secs(1)
+            })
+        );
+    }
+}

@@ -20,6 +20,9 @@ use crate::RetryInfo;
 /// | other 5xx | retry, [`ErrorKind::ServerError`] |
 /// | other 4xx (400, 401, 403, 404, 422, ...) | fail, [`ErrorKind::ClientError`] |
 ///
+/// A failed response replayed by the server's idempotency store (`Idempotent-Replayed:
+/// true`) is never retried: every retry with the same key would get it again.
+///
 /// On a failed status, the provider's `x-should-retry: true|false` header overrides the
 /// table (as in the OpenAI and Anthropic SDKs). The server's wait hint is read in the SDKs'
 /// order: `retry-after-ms` (milliseconds), then `Retry-After` as delta-seconds or as an
@@ -39,6 +42,15 @@ impl LlmHttp {
             return Outcome::Success;
         }
         let kind = kind_of(status);
+        // A failure the server replayed from its idempotency store (`Idempotent-Replayed:
+        // true`) is the stored result of this very key: every retry with the key gets it
+        // again, so retrying it is useless.
+        if headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"true"))
+        {
+            return Outcome::Fail { kind };
+        }
         // Case and surrounding whitespace do not matter: `TRUE` and `True` (some gateways
         // and proxies rewrite the value) mean the same as `true`.
         let verdict = headers
