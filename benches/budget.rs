@@ -161,10 +161,7 @@ fn run(target: &dyn Target, keys: usize, threads: usize, iters: u64) -> Duration
                 barrier.wait();
                 for _ in 0..per_thread {
                     target.update(i);
-                    i += 7919;
-                    if i >= keys {
-                        i -= keys;
-                    }
+                    i = (i + 7919) % keys;
                 }
             });
         }
@@ -188,10 +185,7 @@ fn draws(c: &mut Criterion) {
                         let mut i = 0usize;
                         b.iter(|| {
                             target.update(i);
-                            i += 7919;
-                            if i >= n {
-                                i %= n;
-                            }
+                            i = (i + 7919) % n;
                         })
                     } else {
                         b.iter_custom(|iters| run(target.as_ref(), n, threads, iters))
