@@ -32,6 +32,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_retry_guard::budget::RatioConfig;
 use tower_retry_guard::{Budgets, RetryLayer, RetryPolicy, RetryStats};
 
 type Body = Full<Bytes>;
@@ -299,7 +300,12 @@ async fn provider(stats: &RetryStats) -> Result<(), BoxError> {
     // LLM completions change nothing: mark them idempotent so they retry without a key.
     let layer = RetryLayer::new()
         .stats(stats.clone())
-        .budgets(Budgets::default())
+        // A quiet demo process: the ratio's floor (retries always allowed per 10 s window)
+        // is raised from 3 so that every chat call may use its 3 retries.
+        .budgets(Budgets::default().ratio(Some(RatioConfig {
+            floor: 12,
+            ..RatioConfig::default()
+        })))
         .side_effect_fn(|view| {
             let path = view.uri.map(|u| u.path()).unwrap_or_default();
             path.starts_with("/v1/")

@@ -18,7 +18,7 @@ use crate::budget::{Acquire, Verdict};
 use crate::classify::{Classify, ErrorKind, Outcome};
 use crate::error::{RetryError, StopReason};
 use crate::layer::{ChangeRequest, RetryContext, Shared};
-use crate::observe::{CallOutcome, OpKey, RetryInfo};
+use crate::observe::{CallOutcome, OpHandle, OpKey, RetryInfo};
 use crate::request::{IdempotencyKey, Operation, RetryRequest, SideEffect};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -36,13 +36,18 @@ pub(crate) struct CallState<Req> {
     backoff: Option<CallBackoff>,
     /// The attempt in flight is a retry (feeds the adaptive ratio).
     in_retry: bool,
+    /// Holds a retry-in-flight slot: from just before the retry is sent until it answers.
+    slot: bool,
     operation: Option<Operation>,
-    op_key: OpKey,
+    op: OpHandle,
     span: tracing::Span,
 }
 
 /// Prepares a request for its first attempt: side effect, key, attempt header, the copy.
 pub(crate) struct Prepared;
+
+/// A request refused before it was sent (boxed: the success path moves less).
+pub(crate) type Refusal = Box<(StopReason, RetryInfo)>;
 
 impl Prepared {
     // Returns the request and its call state; the refusal is as large as a RetryError (the
@@ -51,7 +56,7 @@ impl Prepared {
     pub(crate) fn new<Req: RetryRequest, C, H>(
         shared: &Shared<C, H>,
         mut request: Req,
-    ) -> Result<(Req, CallState<Req>), (StopReason, RetryInfo)> {
+    ) -> Result<(Req, CallState<Req>), Refusal> {
         let layer = &shared.layer;
         let side_effect = side_effect_of(shared, &request);
         let names = &layer.names;
@@ -62,17 +67,25 @@ impl Prepared {
                     request.set_idempotency_key(&existing, names);
                     key = Some(existing);
                 }
-                Ok(None) if layer.mint_keys => {
-                    let minted = IdempotencyKey::generate();
-                    request.set_idempotency_key(&minted, names);
-                    key = Some(minted);
+                Ok(None) => {
+                    // The layer's closure names the key, or the layer mints one.
+                    let chosen = match layer.key_fn.as_ref().and_then(|f| f(&request.view())) {
+                        Some(derived) => Some(derived),
+                        None if layer.mint_keys => Some(IdempotencyKey::generate()),
+                        None => None,
+                    };
+                    if let Some(chosen) = chosen {
+                        request.set_idempotency_key(&chosen, names);
+                        key = Some(chosen);
+                    }
                 }
-                Ok(None) => {}
                 Err(invalid) => {
                     let operation = operation_of(shared, &request);
+                    let handle = layer.stats.handle(OpKey::of_name(operation.as_str()), || {
+                        operation.as_str().to_owned()
+                    });
                     layer.stats.record_stop(
-                        OpKey::of_name(operation.as_str()),
-                        || operation.as_str().to_owned(),
+                        &handle,
                         ErrorKind::ClientError,
                         &StopReason::InvalidKey(invalid.clone()),
                     );
@@ -86,7 +99,7 @@ impl Prepared {
                     info.operation = Some(operation);
                     let reason = StopReason::InvalidKey(invalid);
                     info.outcome = CallOutcome::Stopped(reason.clone());
-                    return Err((reason, info));
+                    return Err(Box::new((reason, info)));
                 }
             }
         }
@@ -101,35 +114,42 @@ impl Prepared {
             }
             copy
         };
-        layer.budgets.on_call();
-        let op_key = op_key_of(shared, &request);
-        if !layer.stats.contains(op_key) {
-            let name = operation_of(shared, &request);
-            layer.stats.ensure(op_key, name.as_str());
-        }
-        let span = tracing::info_span!(
-            target: "tower_retry_guard",
-            "retry_call",
-            operation = tracing::field::Empty,
-            method = request.view().method.map(|m| m.as_str()),
-            side_effect = side_effect.as_str(),
-            key = key.as_ref().map(|k| k.as_str()),
-        );
-        if !span.is_disabled() {
-            span.record("operation", operation_of(shared, &request).as_str());
-        }
+        // One clock read serves the deadline and the process ratio.
+        let started = Instant::now();
+        layer.budgets.on_call(started);
+        let op = layer.stats.handle(op_key_of(shared, &request), || {
+            operation_of(shared, &request).as_str().to_owned()
+        });
+        // No subscriber wants the span: skip building it (and the `log` fallback).
+        let span = if tracing::enabled!(target: "tower_retry_guard", tracing::Level::INFO) {
+            let span = tracing::info_span!(
+                target: "tower_retry_guard",
+                "retry_call",
+                operation = tracing::field::Empty,
+                method = request.view().method.map(|m| m.as_str()),
+                side_effect = side_effect.as_str(),
+                key = key.as_ref().map(|k| k.as_str()),
+            );
+            if !span.is_disabled() {
+                span.record("operation", op.name());
+            }
+            span
+        } else {
+            tracing::Span::none()
+        };
         let call = CallState {
             next,
             attempts: 1,
-            started: Instant::now(),
+            started,
             total_delay: Duration::ZERO,
             key,
             side_effect,
             last_kind: None,
             backoff: None,
             in_retry: false,
+            slot: false,
             operation,
-            op_key,
+            op,
             span,
         };
         Ok((request, call))
@@ -217,7 +237,7 @@ pin_project! {
     enum State<F> {
         Calling { #[pin] future: F },
         Acquiring { verdict: BoxFuture<Verdict>, delay: Duration },
-        Sleeping { #[pin] sleep: Sleep },
+        Sleeping { sleep: Pin<Box<Sleep>> },
         Ready,
         Refused,
         Done,
@@ -238,8 +258,22 @@ pin_project! {
         service: S,
         shared: Arc<Shared<C, H>>,
         call: Option<CallState<Req>>,
-        pending: Option<Result<S::Response, S::Error>>,
-        refused: Option<(StopReason, RetryInfo)>,
+        // Failure-path state, boxed so the success path moves a small future.
+        pending: Option<Box<Result<S::Response, S::Error>>>,
+        refused: Option<Refusal>,
+    }
+    impl<S, Req, C, H> PinnedDrop for ResponseFuture<S, Req, C, H>
+    where
+        S: Service<Req>,
+    {
+        fn drop(this: Pin<&mut Self>) {
+            // Finished or abandoned (the caller gave up while it slept): the call is no
+            // longer active, and a retry slot it held is free.
+            let this = this.project();
+            if let Some(call) = this.call.as_ref() {
+                this.shared.layer.budgets.on_call_end(call.slot);
+            }
+        }
     }
 }
 
@@ -263,11 +297,7 @@ where
         }
     }
 
-    pub(crate) fn refused(
-        service: S,
-        shared: Arc<Shared<C, H>>,
-        refused: (StopReason, RetryInfo),
-    ) -> Self {
+    pub(crate) fn refused(service: S, shared: Arc<Shared<C, H>>, refused: Refusal) -> Self {
         ResponseFuture {
             state: State::Refused,
             service,
@@ -297,7 +327,10 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
-        let _entered = this.call.as_ref().map(|c| c.span.clone().entered());
+        let _entered = match this.call.as_ref() {
+            Some(c) if !c.span.is_none() => Some(c.span.clone().entered()),
+            _ => None,
+        };
         // Bounded: each turn either returns or moves the state forward; a call makes at most
         // `MAX_RETRIES_LIMIT + 1` attempts.
         loop {
@@ -308,6 +341,10 @@ where
                         unreachable!("a calling future has its call state")
                     };
                     let shared = &**this.shared;
+                    if call.slot {
+                        shared.layer.budgets.release_slot();
+                        call.slot = false;
+                    }
                     match shared.layer.classify.classify(&result) {
                         Outcome::Success => {
                             if call.in_retry {
@@ -343,11 +380,13 @@ where
                                     return Poll::Ready(stop(shared, call, result, kind, reason));
                                 }
                                 Next::Wait(delay) => {
-                                    drop(result);
+                                    // Kept through the sleep: returned if the retry cannot
+                                    // be sent after all (no slot in flight).
+                                    *this.pending = Some(Box::new(result));
                                     start_wait(shared, call, delay, this.state.as_mut());
                                 }
                                 Next::Acquire(verdict, delay) => {
-                                    *this.pending = Some(result);
+                                    *this.pending = Some(Box::new(result));
                                     this.state.set(State::Acquiring { verdict, delay });
                                 }
                             }
@@ -361,7 +400,6 @@ where
                         unreachable!("an acquiring future has its call state")
                     };
                     let shared = &**this.shared;
-                    let result = this.pending.take();
                     let kind = call.last_kind.unwrap_or(ErrorKind::Other);
                     let reason = match verdict {
                         Verdict::Granted => None,
@@ -372,11 +410,13 @@ where
                             Some(StopReason::StoreUnavailable { error })
                         }
                     };
+                    if reason.is_none() {
+                        start_wait(shared, call, delay, this.state.as_mut());
+                        continue;
+                    }
+                    let result = this.pending.take().map(|r| *r);
                     match (reason, result) {
-                        (None, result) => {
-                            drop(result);
-                            start_wait(shared, call, delay, this.state.as_mut());
-                        }
+                        (None, _) => unreachable!("handled above"),
                         (Some(reason), Some(result)) => {
                             this.state.set(State::Done);
                             return Poll::Ready(stop(shared, call, result, kind, reason));
@@ -385,21 +425,53 @@ where
                     }
                 }
                 StateProj::Sleeping { sleep } => {
-                    ready!(sleep.poll(cx));
+                    ready!(sleep.as_mut().poll(cx));
                     this.state.set(State::Ready);
                 }
                 StateProj::Ready => {
+                    let Some(call) = this.call.as_mut() else {
+                        unreachable!("a ready future has its call state")
+                    };
+                    if !call.slot {
+                        let budgets = &this.shared.layer.budgets;
+                        if let Err(limit) = budgets.take_slot() {
+                            // Too many retries are being sent right now: this one is not,
+                            // and gives its share of the process ratio back.
+                            budgets.refund_process();
+                            let kind = call.last_kind.unwrap_or(ErrorKind::Other);
+                            let Some(result) = this.pending.take().map(|r| *r) else {
+                                unreachable!("a retry keeps its failed result until sent")
+                            };
+                            this.state.set(State::Done);
+                            return Poll::Ready(stop(
+                                this.shared,
+                                call,
+                                result,
+                                kind,
+                                StopReason::Budget {
+                                    scope: crate::budget::Scope::InFlight,
+                                    key: None,
+                                    limit,
+                                },
+                            ));
+                        }
+                        call.slot = true;
+                    }
                     if let Err(e) = ready!(this.service.poll_ready(cx)) {
                         let Some(call) = this.call.as_mut() else {
                             unreachable!("a ready future has its call state")
                         };
-                        let info = info_of(call, CallOutcome::Stopped(StopReason::NotRetryable));
+                        // The service broke before the retry: the call ends here, counted
+                        // and logged like any other stop.
+                        let kind = call.last_kind.unwrap_or(ErrorKind::Other);
                         this.state.set(State::Done);
-                        return Poll::Ready(Err(RetryError::new(
+                        return Poll::Ready(stop(
+                            this.shared,
+                            call,
+                            Err(e),
+                            kind,
                             StopReason::NotRetryable,
-                            info,
-                            Some(e),
-                        )));
+                        ));
                     }
                     let Some(call) = this.call.as_mut() else {
                         unreachable!("a ready future has its call state")
@@ -415,11 +487,12 @@ where
                     }
                     call.attempts += 1;
                     call.in_retry = true;
+                    *this.pending = None;
                     let future = this.service.call(request);
                     this.state.set(State::Calling { future });
                 }
                 StateProj::Refused => {
-                    let Some((reason, info)) = this.refused.take() else {
+                    let Some((reason, info)) = this.refused.take().map(|r| *r) else {
                         unreachable!("a refused future has its reason")
                     };
                     this.state.set(State::Done);
@@ -541,10 +614,7 @@ fn start_wait<Req, C, H, F>(
         .unwrap_or("call");
     let kind = call.last_kind.unwrap_or(ErrorKind::Other);
     let policy = &shared.layer.policy;
-    shared
-        .layer
-        .stats
-        .record_retry(call.op_key, || operation.to_owned(), kind, delay);
+    shared.layer.stats.record_retry(&call.op, kind, delay);
     tracing::warn!(
         target: "tower_retry_guard",
         operation,
@@ -565,17 +635,17 @@ fn start_wait<Req, C, H, F>(
         state.set(State::Ready);
     } else {
         state.set(State::Sleeping {
-            sleep: tokio::time::sleep(delay),
+            sleep: Box::pin(tokio::time::sleep(delay)),
         });
     }
 }
 
-fn info_of<Req>(call: &CallState<Req>, outcome: CallOutcome) -> RetryInfo {
+fn info_of<Req>(call: &CallState<Req>, outcome: CallOutcome, now: Instant) -> RetryInfo {
     RetryInfo {
         attempts: call.attempts,
         retries: call.attempts.saturating_sub(1),
         total_delay: call.total_delay,
-        elapsed: call.started.elapsed(),
+        elapsed: now.saturating_duration_since(call.started),
         key: call.key.clone(),
         last_error: call.last_kind,
         outcome,
@@ -593,15 +663,12 @@ where
     C: Classify<Res, E>,
 {
     let recovered = call.attempts > 1;
-    shared.layer.stats.record_success(
-        call.op_key,
-        || {
-            call.operation
-                .as_ref()
-                .map_or_else(|| "call".to_owned(), |o| o.as_str().to_owned())
-        },
-        if recovered { call.last_kind } else { None },
-    );
+    // One clock read serves the stats window and the info's elapsed time.
+    let now = Instant::now();
+    shared
+        .layer
+        .stats
+        .record_success(&call.op, now, if recovered { call.last_kind } else { None });
     match result {
         Ok(mut response) => {
             if recovered {
@@ -626,15 +693,15 @@ where
                 } else {
                     CallOutcome::Succeeded
                 };
-                let info = info_of(call, outcome);
-                shared.layer.classify.attach(&mut response, &info);
+                let info = info_of(call, outcome, now);
+                shared.layer.classify.attach(&mut response, info);
             }
             Ok(response)
         }
         // A classifier that calls an error a success: pass it through, unwrapped in a
         // RetryError that says so.
         Err(e) => {
-            let info = info_of(call, CallOutcome::Stopped(StopReason::NotRetryable));
+            let info = info_of(call, CallOutcome::Stopped(StopReason::NotRetryable), now);
             Err(RetryError::new(StopReason::NotRetryable, info, Some(e)))
         }
     }
@@ -655,22 +722,9 @@ where
     if call.operation.is_none() {
         // The call ended before a retry was considered (retries off, not retryable): name it
         // from its stats entry, made when the call started.
-        call.operation = shared
-            .layer
-            .stats
-            .name_of(call.op_key)
-            .map(|name| Operation(Cow::Owned(name)));
+        call.operation = Some(Operation(Cow::Owned(call.op.name().to_owned())));
     }
-    shared.layer.stats.record_stop(
-        call.op_key,
-        || {
-            call.operation
-                .as_ref()
-                .map_or_else(|| "call".to_owned(), |o| o.as_str().to_owned())
-        },
-        kind,
-        &reason,
-    );
+    shared.layer.stats.record_stop(&call.op, kind, &reason);
     let operation = call
         .operation
         .as_ref()
@@ -694,10 +748,10 @@ where
             "not retryable"
         );
     }
-    let info = info_of(call, CallOutcome::Stopped(reason.clone()));
+    let info = info_of(call, CallOutcome::Stopped(reason.clone()), Instant::now());
     match result {
         Ok(mut response) => {
-            shared.layer.classify.attach(&mut response, &info);
+            shared.layer.classify.attach(&mut response, info);
             Ok(response)
         }
         Err(e) => Err(RetryError::new(reason, info, Some(e))),

@@ -10,7 +10,7 @@ use crate::budget::Budgets;
 use crate::classify::{ErrorKind, LlmHttp};
 use crate::observe::RetryStats;
 use crate::policy::RetryPolicy;
-use crate::request::{HeaderNames, Operation, RequestView, SideEffect};
+use crate::request::{HeaderNames, IdempotencyKey, Operation, RequestView, SideEffect};
 use crate::service::Retry;
 
 /// Changes a request before it is retried.
@@ -56,6 +56,7 @@ where
 
 type SideEffectFn = Arc<dyn Fn(&RequestView<'_>) -> Option<SideEffect> + Send + Sync>;
 type OperationFn = Arc<dyn Fn(&RequestView<'_>) -> Option<Operation> + Send + Sync>;
+type KeyFn = Arc<dyn Fn(&RequestView<'_>) -> Option<IdempotencyKey> + Send + Sync>;
 
 /// Retries calls with discipline: bounded, backed off, keyed, budgeted, visible.
 ///
@@ -87,6 +88,7 @@ pub struct RetryLayer<C = LlmHttp, H = NoChange> {
     pub(crate) mint_keys: bool,
     pub(crate) side_effect_fn: Option<SideEffectFn>,
     pub(crate) operation_fn: Option<OperationFn>,
+    pub(crate) key_fn: Option<KeyFn>,
     pub(crate) info_on_success: bool,
     pub(crate) stats: RetryStats,
 }
@@ -110,6 +112,7 @@ impl RetryLayer {
             mint_keys: true,
             side_effect_fn: None,
             operation_fn: None,
+            key_fn: None,
             info_on_success: true,
             stats: RetryStats::new(),
         }
@@ -135,6 +138,7 @@ impl<C, H> RetryLayer<C, H> {
             mint_keys: self.mint_keys,
             side_effect_fn: self.side_effect_fn,
             operation_fn: self.operation_fn,
+            key_fn: self.key_fn,
             info_on_success: self.info_on_success,
             stats: self.stats,
         }
@@ -152,6 +156,7 @@ impl<C, H> RetryLayer<C, H> {
             mint_keys: self.mint_keys,
             side_effect_fn: self.side_effect_fn,
             operation_fn: self.operation_fn,
+            key_fn: self.key_fn,
             info_on_success: self.info_on_success,
             stats: self.stats,
         }
@@ -184,6 +189,18 @@ impl<C, H> RetryLayer<C, H> {
         F: Fn(&RequestView<'_>) -> Option<SideEffect> + Send + Sync + 'static,
     {
         self.side_effect_fn = Some(Arc::new(f));
+        self
+    }
+
+    /// Derives the idempotency key of a side-effecting request that carries none (the
+    /// `idempotency_key=lambda req: req.idempotency_key` of retry decorators): for example
+    /// from an agent's tool-call id in an extension. A key in the request's own header or
+    /// extension wins; `None` lets the layer mint one (if minting is on).
+    pub fn idempotency_key_fn<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&RequestView<'_>) -> Option<IdempotencyKey> + Send + Sync + 'static,
+    {
+        self.key_fn = Some(Arc::new(f));
         self
     }
 

@@ -137,9 +137,9 @@ struct KindCounters {
     recovered: AtomicU64,
     /// Calls that ran out of attempts or time (exhausted, deadline, hint too long).
     exhausted: AtomicU64,
-    /// Calls denied a retry by a budget, per scope (operation, task, user, process) and
-    /// store unavailable (index 4).
-    denied: [AtomicU64; 5],
+    /// Calls denied a retry by a budget, per scope (operation, task, user, process, in
+    /// flight) and store unavailable (index 5).
+    denied: [AtomicU64; 6],
     /// Calls not retried for another reason (not retryable, side effect without key,
     /// output unchanged, not cloneable, inner gave up).
     not_retried: AtomicU64,
@@ -244,8 +244,9 @@ pub struct KindSnapshot {
     pub recovered: u64,
     /// Calls that ran out of attempts or time.
     pub exhausted: u64,
-    /// Calls denied by a budget: operation, task, user, process, store unavailable.
-    pub denied: [u64; 5],
+    /// Calls denied by a budget: operation, task, user, process, in flight, store
+    /// unavailable.
+    pub denied: [u64; 6],
     /// Calls not retried for another reason.
     pub not_retried: u64,
 }
@@ -263,6 +264,7 @@ fn scope_index(scope: Scope) -> usize {
         Scope::Task => 1,
         Scope::User => 2,
         Scope::Process => 3,
+        Scope::InFlight => 4,
     }
 }
 
@@ -272,23 +274,38 @@ fn scope_index(scope: Scope) -> usize {
 pub(crate) struct OpKey(pub(crate) u64);
 
 impl OpKey {
+    const SEED: u64 = 0xcbf2_9ce4_8422_2325;
+
+    /// FNV-1a: byte-wise, so hashing the pieces of a name in a row equals hashing the name.
+    fn feed(mut h: u64, bytes: &[u8]) -> u64 {
+        for b in bytes {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+        h
+    }
+
     pub(crate) fn of_name(name: &str) -> Self {
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        0u8.hash(&mut h);
-        name.hash(&mut h);
-        OpKey(h.finish())
+        OpKey(Self::feed(Self::SEED, name.as_bytes()))
     }
 
     pub(crate) fn of_method_path(method: &http::Method, path: &str) -> Self {
         // Must equal `of_name(format!("{method} {path}"))`, which names the entry.
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        0u8.hash(&mut h);
-        // `str::hash` writes the bytes then 0xff; replicate over the pieces.
-        h.write(method.as_str().as_bytes());
-        h.write(b" ");
-        h.write(path.as_bytes());
-        h.write_u8(0xff);
-        OpKey(h.finish())
+        let h = Self::feed(Self::SEED, method.as_str().as_bytes());
+        let h = Self::feed(h, b" ");
+        OpKey(Self::feed(h, path.as_bytes()))
+    }
+}
+
+/// One operation's counters, held by a call from its start to its end, so that the end
+/// records without a second map lookup.
+#[derive(Debug, Clone)]
+pub(crate) struct OpHandle(Arc<OpStats>);
+
+impl OpHandle {
+    /// The operation's name.
+    pub(crate) fn name(&self) -> &str {
+        &self.0.name
     }
 }
 
@@ -307,57 +324,52 @@ impl RetryStats {
         self.inner.origin.elapsed().as_secs() / BUCKET_SECS
     }
 
-    fn op(&self, key: OpKey, name: impl FnOnce() -> String) -> Arc<OpStats> {
-        if let Some(op) = self.inner.ops.get(&key.0) {
-            return op.clone();
-        }
-        self.inner
-            .ops
-            .entry(key.0)
-            .or_insert_with(|| Arc::new(OpStats::new(name())))
-            .clone()
+    fn epoch_at(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.inner.origin).as_secs() / BUCKET_SECS
     }
 
-    fn with_op(
-        &self,
-        key: OpKey,
-        name: impl FnOnce() -> String,
-        f: impl FnOnce(&OpStats, &Bucket),
-    ) {
-        let epoch = self.epoch();
-        let run = |op: &OpStats| {
-            let bucket = &op.window[(epoch % BUCKETS as u64) as usize];
-            let seen = bucket.epoch.load(Relaxed);
-            if seen != epoch
-                && bucket
-                    .epoch
-                    .compare_exchange(seen, epoch, Relaxed, Relaxed)
-                    .is_ok()
-            {
-                bucket.calls.store(0, Relaxed);
-                bucket.retries.store(0, Relaxed);
-                bucket.recovered.store(0, Relaxed);
-                bucket.failed.store(0, Relaxed);
-            }
-            f(op, bucket);
-        };
-        // The common case: a read of one shard, no Arc clone.
+    /// The entry of an operation, made (and named) on first sight. One map read on the
+    /// success path.
+    pub(crate) fn handle(&self, key: OpKey, name: impl FnOnce() -> String) -> OpHandle {
         if let Some(op) = self.inner.ops.get(&key.0) {
-            run(&op);
-            return;
+            return OpHandle(op.clone());
         }
-        let op = self.op(key, name);
-        run(&op);
+        OpHandle(
+            self.inner
+                .ops
+                .entry(key.0)
+                .or_insert_with(|| Arc::new(OpStats::new(name())))
+                .clone(),
+        )
+    }
+
+    fn with_handle(&self, handle: &OpHandle, now: Instant, f: impl FnOnce(&OpStats, &Bucket)) {
+        let epoch = self.epoch_at(now);
+        let op = &*handle.0;
+        let bucket = &op.window[(epoch % BUCKETS as u64) as usize];
+        let seen = bucket.epoch.load(Relaxed);
+        if seen != epoch
+            && bucket
+                .epoch
+                .compare_exchange(seen, epoch, Relaxed, Relaxed)
+                .is_ok()
+        {
+            bucket.calls.store(0, Relaxed);
+            bucket.retries.store(0, Relaxed);
+            bucket.recovered.store(0, Relaxed);
+            bucket.failed.store(0, Relaxed);
+        }
+        f(op, bucket);
     }
 
     /// A logical call ended in success.
     pub(crate) fn record_success(
         &self,
-        key: OpKey,
-        name: impl FnOnce() -> String,
+        handle: &OpHandle,
+        now: Instant,
         recovered_from: Option<ErrorKind>,
     ) {
-        self.with_op(key, name, |op, bucket| {
+        self.with_handle(handle, now, |op, bucket| {
             op.calls.fetch_add(1, Relaxed);
             bucket.calls.fetch_add(1, Relaxed);
             if let Some(kind) = recovered_from {
@@ -375,15 +387,9 @@ impl RetryStats {
     }
 
     /// An attempt failed with `kind` and a retry follows after `delay`.
-    pub(crate) fn record_retry(
-        &self,
-        key: OpKey,
-        name: impl FnOnce() -> String,
-        kind: ErrorKind,
-        delay: Duration,
-    ) {
+    pub(crate) fn record_retry(&self, handle: &OpHandle, kind: ErrorKind, delay: Duration) {
         let _ = delay;
-        self.with_op(key, name, |op, bucket| {
+        self.with_handle(handle, Instant::now(), |op, bucket| {
             let k = &op.kinds[kind.index()];
             k.failures.fetch_add(1, Relaxed);
             k.retries.fetch_add(1, Relaxed);
@@ -402,30 +408,9 @@ impl RetryStats {
         });
     }
 
-    /// Whether an operation has an entry.
-    pub(crate) fn contains(&self, key: OpKey) -> bool {
-        self.inner.ops.contains_key(&key.0)
-    }
-
-    /// The name of an operation's entry.
-    pub(crate) fn name_of(&self, key: OpKey) -> Option<String> {
-        self.inner.ops.get(&key.0).map(|op| op.name.clone())
-    }
-
-    /// Makes sure an operation has an entry, named `name`.
-    pub(crate) fn ensure(&self, key: OpKey, name: &str) {
-        let _ = self.op(key, || name.to_owned());
-    }
-
     /// A logical call ended on a failure of `kind`, for `reason`.
-    pub(crate) fn record_stop(
-        &self,
-        key: OpKey,
-        name: impl FnOnce() -> String,
-        kind: ErrorKind,
-        reason: &StopReason,
-    ) {
-        self.with_op(key, name, |op, bucket| {
+    pub(crate) fn record_stop(&self, handle: &OpHandle, kind: ErrorKind, reason: &StopReason) {
+        self.with_handle(handle, Instant::now(), |op, bucket| {
             op.calls.fetch_add(1, Relaxed);
             bucket.calls.fetch_add(1, Relaxed);
             let k = &op.kinds[kind.index()];
@@ -442,7 +427,7 @@ impl RetryStats {
                     true
                 }
                 StopReason::StoreUnavailable { .. } => {
-                    k.denied[4].fetch_add(1, Relaxed);
+                    k.denied[5].fetch_add(1, Relaxed);
                     true
                 }
                 _ => {
@@ -509,7 +494,7 @@ impl RetryStats {
             t.retries += k.retries;
             t.recovered += k.recovered;
             t.exhausted += k.exhausted;
-            for i in 0..5 {
+            for i in 0..6 {
                 t.denied[i] += k.denied[i];
             }
             t.not_retried += k.not_retried;
@@ -700,13 +685,11 @@ mod tests {
     fn stats_find_an_entry_keyed_by_method_and_path_by_its_name() {
         let stats = RetryStats::new();
         let key = OpKey::of_method_path(&http::Method::POST, "/v1/messages");
-        stats.record_success(key, || "POST /v1/messages".to_owned(), None);
-        stats.record_retry(
-            key,
-            || unreachable!("the entry exists"),
-            ErrorKind::Overloaded,
-            Duration::from_millis(100),
-        );
+        let handle = stats.handle(key, || "POST /v1/messages".to_owned());
+        stats.record_success(&handle, Instant::now(), None);
+        // A second handle for the same key finds the entry, and never names it again.
+        let again = stats.handle(key, || unreachable!("the entry exists"));
+        stats.record_retry(&again, ErrorKind::Overloaded, Duration::from_millis(100));
         assert_eq!(stats.calls("POST /v1/messages"), 1);
         assert_eq!(
             stats
@@ -714,7 +697,7 @@ mod tests {
                 .retries,
             1
         );
-        assert_eq!(stats.name_of(key).as_deref(), Some("POST /v1/messages"));
+        assert_eq!(again.name(), "POST /v1/messages");
     }
 
     #[test]

@@ -67,7 +67,7 @@ impl Classify<reqwest::Response, reqwest::Error> for LlmHttp {
         }
     }
 
-    fn attach(&self, response: &mut reqwest::Response, info: &RetryInfo) {
-        response.extensions_mut().insert(info.clone());
+    fn attach(&self, response: &mut reqwest::Response, info: RetryInfo) {
+        response.extensions_mut().insert(info);
     }
 }

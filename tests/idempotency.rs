@@ -681,3 +681,74 @@ async fn tool_call_without_a_key_is_not_retried_when_keys_are_off() {
     send(&mut svc, send_email(Some(key))).await.unwrap();
     assert_eq!(log.lock().unwrap().len(), 3);
 }
+
+mod layer_closures {
+    use std::sync::{Arc, Mutex};
+
+    use http::{Request, Response, StatusCode};
+    use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+    use tower_retry_guard::{Budgets, IdempotencyKey, RetryLayer};
+
+    #[derive(Clone)]
+    struct ToolCallId(&'static str);
+
+    #[tokio::test(start_paused = true)]
+    async fn a_key_derived_by_the_layer_closure_is_sent_on_every_attempt() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let layer = RetryLayer::new()
+            .budgets(Budgets::none())
+            .idempotency_key_fn(|view| {
+                let id = view.extensions?.get::<ToolCallId>()?;
+                IdempotencyKey::new(format!("tool-{}", id.0)).ok()
+            });
+        let mut svc =
+            ServiceBuilder::new()
+                .layer(layer)
+                .service_fn(move |req: Request<String>| {
+                    let key = req.headers().get("idempotency-key").cloned();
+                    let mut seen = s.lock().unwrap();
+                    seen.push(key);
+                    let status = if seen.len() < 3 { 503 } else { 200 };
+                    async move {
+                        Ok::<_, BoxError>(Response::builder().status(status).body(String::new())?)
+                    }
+                });
+        let req = Request::post("/tools/send_email")
+            .extension(ToolCallId("call_42"))
+            .body(String::new())
+            .unwrap();
+        let res = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 3);
+        for key in seen.iter() {
+            assert_eq!(key.as_ref().unwrap(), "\"tool-call_42\"");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_request_own_key_wins_over_the_layer_closure() {
+        let layer = RetryLayer::new()
+            .budgets(Budgets::none())
+            .idempotency_key_fn(|_| IdempotencyKey::new("from-closure").ok());
+        let mut svc =
+            ServiceBuilder::new()
+                .layer(layer)
+                .service_fn(|req: Request<String>| async move {
+                    let key = req.headers().get("idempotency-key").cloned();
+                    Ok::<_, BoxError>(Response::new(format!("{key:?}")))
+                });
+        let req = Request::post("/tools/send_email")
+            .header("idempotency-key", "\"mine\"")
+            .body(String::new())
+            .unwrap();
+        let res = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert!(res.body().contains("mine"), "{}", res.body());
+        let req = Request::post("/tools/send_email")
+            .body(String::new())
+            .unwrap();
+        let res = svc.ready().await.unwrap().call(req).await.unwrap();
+        assert!(res.body().contains("from-closure"), "{}", res.body());
+    }
+}

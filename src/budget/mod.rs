@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | [`Scope::Task`] | 5 retry events per task id, forgotten 1 h after the task's last retry | the [`BudgetStore`] |
 //! | [`Scope::User`] | 60 retries a minute per user id, bursts of 10 | the [`BudgetStore`] |
+//! | [`Scope::InFlight`] | retries being sent at once <= max(3, 20% of active calls) ([`InFlightCap`]) | this process |
 //! | [`Scope::Process`] | retries <= 10% of calls over 10 s while retries fail, up to 150% while they succeed ([`RetryRatio`], [`RatioConfig`]) | this process |
 //!
 //! A request without a task id (or user id) is not charged to that scope.
@@ -18,9 +19,12 @@
 //! before the retry keeps the retry counted (the caller gave up, but the retry was decided; not
 //! refunding keeps a task that cancels and re-issues calls from escaping its budget).
 
+mod in_flight;
 mod memory;
 mod ratio;
 
+use self::in_flight::InFlight;
+pub use self::in_flight::InFlightCap;
 pub use self::memory::MemoryStore;
 pub use self::ratio::{RatioConfig, RetryRatio};
 
@@ -45,16 +49,19 @@ pub enum Scope {
     User,
     /// Every call through the layers that share one [`Budgets`] (the process-wide ratio).
     Process,
+    /// Retries pending at once, against calls active at once ([`InFlightCap`]).
+    InFlight,
 }
 
 impl Scope {
-    /// A short, stable name: `operation`, `task`, `user`, `process`.
+    /// A short, stable name: `operation`, `task`, `user`, `process`, `in_flight`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Scope::Operation => "operation",
             Scope::Task => "task",
             Scope::User => "user",
             Scope::Process => "process",
+            Scope::InFlight => "in_flight",
         }
     }
 }
@@ -188,6 +195,7 @@ pub struct Budgets {
     per_task: Option<Limit>,
     per_user: Option<Limit>,
     ratio: Option<Arc<RetryRatio>>,
+    in_flight: Option<Arc<InFlight>>,
     store: Arc<dyn DynStore>,
     on_store_error: OnStoreError,
     store_timeout: Duration,
@@ -226,6 +234,7 @@ impl Default for Budgets {
             per_task: Some(DEFAULT_PER_TASK),
             per_user: Some(DEFAULT_PER_USER),
             ratio: Some(Arc::new(RetryRatio::new(RatioConfig::default()))),
+            in_flight: Some(Arc::new(InFlight::new(InFlightCap::default()))),
             store: Arc::new(MemoryStore::new()),
             on_store_error: OnStoreError::default(),
             store_timeout: Duration::from_millis(250),
@@ -240,6 +249,7 @@ impl Budgets {
             per_task: None,
             per_user: None,
             ratio: None,
+            in_flight: None,
             ..Budgets::default()
         }
     }
@@ -262,6 +272,13 @@ impl Budgets {
         self
     }
 
+    /// The cap on retries in flight (`None` turns it off; default 20% of active calls, at
+    /// least 3).
+    pub fn in_flight(mut self, cap: Option<InFlightCap>) -> Self {
+        self.in_flight = cap.map(|c| Arc::new(InFlight::new(c)));
+        self
+    }
+
     /// Where task and user budgets live.
     pub fn store<S: BudgetStore>(mut self, store: S) -> Self {
         self.store = Arc::new(store);
@@ -280,6 +297,16 @@ impl Budgets {
         self
     }
 
+    /// Retries in flight now (granted and not yet answered), if the cap is on.
+    pub fn retries_in_flight(&self) -> Option<u64> {
+        self.in_flight.as_ref().map(|f| f.retrying())
+    }
+
+    /// Logical calls active now (started, not yet dropped), if the in-flight cap is on.
+    pub fn active_calls(&self) -> Option<u64> {
+        self.in_flight.as_ref().map(|f| f.active())
+    }
+
     /// The process ratio, if on.
     pub fn retry_ratio(&self) -> Option<&RetryRatio> {
         self.ratio.as_deref()
@@ -287,9 +314,46 @@ impl Budgets {
 
     /// A logical call started. On the success path: one atomic.
     #[inline]
-    pub(crate) fn on_call(&self) {
+    pub(crate) fn on_call(&self, now: tokio::time::Instant) {
         if let Some(r) = &self.ratio {
-            r.deposit();
+            r.deposit_at(now);
+        }
+        if let Some(f) = &self.in_flight {
+            f.call_started();
+        }
+    }
+
+    /// A logical call ended (its future was dropped). `holds_slot`: a retry it was granted
+    /// had not answered yet.
+    pub(crate) fn on_call_end(&self, holds_slot: bool) {
+        if let Some(f) = &self.in_flight {
+            f.call_ended();
+            if holds_slot {
+                f.release();
+            }
+        }
+    }
+
+    /// Takes a retry-in-flight slot just before a retry is sent; the error says the limit.
+    /// Held until [`Budgets::release_slot`] or [`Budgets::on_call_end`].
+    pub(crate) fn take_slot(&self) -> Result<(), String> {
+        match &self.in_flight {
+            Some(f) if !f.try_take() => Err(f.describe()),
+            _ => Ok(()),
+        }
+    }
+
+    /// Gives back a retry the process ratio granted but that was not sent.
+    pub(crate) fn refund_process(&self) {
+        if let Some(r) = &self.ratio {
+            r.refund();
+        }
+    }
+
+    /// A retry's attempt answered: its in-flight slot is free again.
+    pub(crate) fn release_slot(&self) {
+        if let Some(f) = &self.in_flight {
+            f.release();
         }
     }
 

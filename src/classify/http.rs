@@ -175,12 +175,12 @@ impl<B, E: AsError> Classify<Response<B>, E> for LlmHttp {
         }
     }
 
-    fn attach(&self, response: &mut Response<B>, info: &RetryInfo) {
+    fn attach(&self, response: &mut Response<B>, info: RetryInfo) {
         // An inner retry layer's account of the one attempt this layer made says what
         // really happened (its attempts, delay, key, outcome): keep it.
         if info.attempts <= 1 && response.extensions().get::<RetryInfo>().is_some() {
             return;
         }
-        response.extensions_mut().insert(info.clone());
+        response.extensions_mut().insert(info);
     }
 }

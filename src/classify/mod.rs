@@ -154,8 +154,18 @@ pub trait Classify<Res, E> {
     /// Called once on the response the layer returns, to attach the call's
     /// [`RetryInfo`](crate::RetryInfo) (the HTTP preset puts it in the response's extensions).
     /// The default does nothing.
-    fn attach(&self, response: &mut Res, info: &crate::RetryInfo) {
+    fn attach(&self, response: &mut Res, info: crate::RetryInfo) {
         let _ = (response, info);
+    }
+
+    /// The same as [`Classify::or_else`]: `self`, or else `next` for what `self` calls a
+    /// success (`LlmHttp.or(validate_output)`).
+    fn or<N>(self, next: N) -> OrElse<Self, N>
+    where
+        Self: Sized,
+        N: Classify<Res, E>,
+    {
+        OrElse { first: self, next }
     }
 
     /// Use `next` to classify what `self` calls a success (for example: the HTTP preset
@@ -197,7 +207,7 @@ where
         }
     }
 
-    fn attach(&self, response: &mut Res, info: &crate::RetryInfo) {
+    fn attach(&self, response: &mut Res, info: crate::RetryInfo) {
         self.first.attach(response, info);
     }
 }
