@@ -167,8 +167,14 @@ fn measure() -> Counts {
         ("tower::retry, POST", counts.tower_post),
         ("guard, GET (read-only, no key)", counts.guard_get),
         ("guard, POST (keyed)", counts.guard_post_keyed),
-        ("guard, GET, info_on_success(false)", counts.guard_get_no_info),
-        ("guard, POST, info_on_success(false)", counts.guard_post_no_info),
+        (
+            "guard, GET, info_on_success(false)",
+            counts.guard_get_no_info,
+        ),
+        (
+            "guard, POST, info_on_success(false)",
+            counts.guard_post_no_info,
+        ),
         ("guard, GET, Budgets::none()", counts.guard_get_no_budgets),
     ] {
         eprintln!("  {name:<40} {n:>6.2}");
@@ -176,12 +182,51 @@ fn measure() -> Counts {
     counts
 }
 
+/// Allocations the `metrics` feature adds per call (the counter's operation label is a
+/// fresh `String`, and the key's label list another).
+const METRICS_EXTRA: f64 = if cfg!(feature = "metrics") { 2.0 } else { 0.0 };
+
 #[test]
 fn allocations_per_successful_call() {
     let c = measure();
     // The bare service and block_on allocate nothing per call once warm: every count below
     // is the layer's own.
     assert_eq!(c.bare, 0.0, "the baseline must be allocation-free");
-    assert!(c.tower_get >= 0.0 && c.tower_post >= c.tower_get);
-    let _ = c;
+    assert!(c.tower_post >= c.tower_get);
+
+    // The goals (DESIGN.md) are NOT met yet (see BENCHMARKS.md: the attempt header stamped on
+    // the first attempt makes the copy clone a non-empty header map, and `RetryInfo` on
+    // success fills the response's extensions). So these are regression guards at today's
+    // counts, not the goals: each fails if the success path allocates more than it does now.
+    // Replace them with the goal assertions below once the goals are met:
+    //   c.guard_get <= c.tower_get
+    //   c.guard_post_keyed <= c.tower_post + 1.0
+    let bound = |today: f64| today + METRICS_EXTRA;
+    assert!(
+        c.guard_get <= c.tower_get + bound(7.0),
+        "GET: {}",
+        c.guard_get
+    );
+    assert!(
+        c.guard_post_keyed <= c.tower_post + bound(8.0),
+        "keyed POST: {}",
+        c.guard_post_keyed
+    );
+    assert!(
+        c.guard_get_no_info <= c.tower_get + bound(4.0),
+        "GET without RetryInfo: {}",
+        c.guard_get_no_info
+    );
+    assert!(
+        c.guard_post_no_info <= c.tower_post + bound(5.0),
+        "keyed POST without RetryInfo: {}",
+        c.guard_post_no_info
+    );
+    assert!(
+        c.guard_get_no_budgets <= c.guard_get,
+        "Budgets::none() must not allocate more: {}",
+        c.guard_get_no_budgets
+    );
+    // Attaching RetryInfo is never free, but it must stay bounded (today: 3 allocations).
+    assert!(c.guard_get - c.guard_get_no_info <= 3.0);
 }
