@@ -2,8 +2,8 @@
 //!
 //! # Layout
 //!
-//! A key (scope + id) is stored as a 128-bit keyed hash (two SipHash-1-3 hashes with
-//! random keys per store), not as a string: no allocation per key, 16 bytes instead of the
+//! A key (scope + id) is stored as a 128-bit keyed hash (XXH3-128 with a random seed per
+//! store), not as a string: no allocation per key, 16 bytes instead of the
 //! id. Two ids collide with a probability of about n²/2¹²⁹ (10⁻²⁶ for a million keys), and
 //! the random keys make collisions impossible to aim for. Each entry is the hash and a
 //! 24-byte state (a `Mutex` around the count and a deadline) — 40 bytes in the table, about
@@ -41,7 +41,7 @@
 //!   active within their TTL. [`MemoryStore::evict_expired`] sweeps everything at once.
 
 use std::fmt;
-use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -193,10 +193,11 @@ fn give_back(slot: &mut Slot, limit: Limit) {
 
 struct Inner {
     parts: Box<[Partition]>,
-    hash_lo: std::hash::RandomState,
-    hash_hi: std::hash::RandomState,
+    seed: u64,
     start: Instant,
     draws: AtomicU64,
+    /// `draws` when the last sweep ran.
+    swept_at: AtomicU64,
     last_sweep: AtomicU64,
     cursor: AtomicUsize,
 }
@@ -240,10 +241,10 @@ impl MemoryStore {
         MemoryStore {
             inner: Arc::new(Inner {
                 parts,
-                hash_lo: std::hash::RandomState::new(),
-                hash_hi: std::hash::RandomState::new(),
+                seed: rand::random(),
                 start: Instant::now(),
                 draws: AtomicU64::new(0),
+                swept_at: AtomicU64::new(0),
                 last_sweep: AtomicU64::new(0),
                 cursor: AtomicUsize::new(0),
             }),
@@ -272,15 +273,22 @@ impl MemoryStore {
     }
 
     fn key(&self, scope: Scope, id: &str) -> Key {
-        let hash = |s: &std::hash::RandomState| {
-            let mut h = s.build_hasher();
-            scope.hash(&mut h);
-            id.hash(&mut h);
-            h.finish()
+        // One pass of XXH3-128, seeded per store (and per scope): a task and a user with
+        // the same id are different keys.
+        let tag: u64 = match scope {
+            Scope::Operation => 1,
+            Scope::Task => 2,
+            Scope::User => 3,
+            Scope::Process => 4,
+            Scope::InFlight => 5,
         };
+        let h = xxhash_rust::xxh3::xxh3_128_with_seed(
+            id.as_bytes(),
+            self.inner.seed ^ tag.wrapping_mul(0x9E37_79B9_7F4A_7C15u64),
+        );
         Key {
-            lo: hash(&self.inner.hash_lo),
-            hi: hash(&self.inner.hash_hi),
+            lo: h as u64,
+            hi: (h >> 64) as u64,
         }
     }
 
@@ -314,15 +322,27 @@ impl MemoryStore {
         }
     }
 
-    /// Counts a draw, and sweeps the next partition when one is due.
+    /// Counts a draw, and sweeps the next partition when one is due: after as many draws as
+    /// an eighth of that partition's entries (at least 64), so that the work of sweeping is
+    /// at most about 8 entries per draw however large the map, or on the first draw 100 ms
+    /// after the last sweep.
     fn maybe_sweep(&self, now: u64) {
         let inner = &self.inner;
-        let n = inner.draws.fetch_add(1, Ordering::Relaxed);
+        let n = inner.draws.fetch_add(1, Ordering::Relaxed) + 1;
         let last = inner.last_sweep.load(Ordering::Relaxed);
-        let due = n % SWEEP_EVERY_DRAWS == SWEEP_EVERY_DRAWS - 1
-            || now.saturating_sub(last) >= SWEEP_EVERY_NANOS;
-        if !due {
-            return;
+        let since = n.saturating_sub(inner.swept_at.load(Ordering::Relaxed));
+        let timed = now.saturating_sub(last) >= SWEEP_EVERY_NANOS;
+        if !timed {
+            // Cheap test first; the partition's size (a read of each of its shards) only
+            // every 64 draws.
+            if since < SWEEP_EVERY_DRAWS {
+                return;
+            }
+            let next = inner.cursor.load(Ordering::Relaxed) % PARTITIONS;
+            let work = inner.parts.get(next).map_or(0, |p| p.len()) as u64;
+            if since < work / 8 {
+                return;
+            }
         }
         // One sweeper per period: whoever moves `last_sweep` sweeps.
         if inner
@@ -332,6 +352,7 @@ impl MemoryStore {
         {
             return;
         }
+        inner.swept_at.store(n, Ordering::Relaxed);
         let i = inner.cursor.fetch_add(1, Ordering::Relaxed) % PARTITIONS;
         self.sweep(i, now);
     }
