@@ -5,15 +5,19 @@
 //! valgrind --tool=callgrind target/release/examples/success_path guard_get 100000
 //! ```
 //!
-//! Variants: `bare`, `tower_retry`, `guard_get`, `guard_post`, `guard_get_no_info`,
-//! `guard_get_no_budgets`.
+//! Variants: `bare`, `tower_retry`, `tower_retry_post`, `guard_get`, `guard_post`,
+//! `guard_get_no_info`, `guard_get_no_budgets`, `guard_get_floor` (no `RetryInfo`, no attempt
+//! header, no budgets); with requests shaped like real LLM/tool calls (`authorization` and
+//! `content-type` headers, a small JSON body): `bare_hdr`, `tower_retry_hdr`,
+//! `tower_retry_post_hdr`, `guard_get_hdr`, `guard_post_hdr`, `guard_get_no_info_hdr`,
+//! `guard_get_floor_hdr`.
 
 use std::hint::black_box;
 use std::time::Instant;
 
 use http::{Request, Response};
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_retry_guard::{Budgets, RetryLayer};
+use tower_retry_guard::{Budgets, HeaderNames, RetryLayer};
 
 type Req = Request<String>;
 type Res = Response<String>;
@@ -52,6 +56,40 @@ fn post() -> Req {
     Request::post("http://127.0.0.1/tools/send_email")
         .body(String::from("{}"))
         .unwrap_or_default()
+}
+
+/// A small chat-completion body, as an LLM or tool request carries.
+const JSON_BODY: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#;
+
+/// A GET shaped like a real provider request: `authorization` and `content-type` headers
+/// and a small JSON body (the headerless `get` makes the layer pay for a header map that
+/// tower's clone does not; real requests carry one either way).
+fn get_hdr() -> Req {
+    Request::get("http://127.0.0.1/v1/models")
+        .header("authorization", "Bearer x")
+        .header("content-type", "application/json")
+        .body(String::from(JSON_BODY))
+        .unwrap_or_default()
+}
+
+/// A POST shaped like a real tool call: the same two headers and JSON body.
+fn post_hdr() -> Req {
+    Request::post("http://127.0.0.1/tools/send_email")
+        .header("authorization", "Bearer x")
+        .header("content-type", "application/json")
+        .body(String::from(JSON_BODY))
+        .unwrap_or_default()
+}
+
+/// The floor: no `RetryInfo` on success, no attempt header, no budgets.
+fn floor() -> RetryLayer {
+    RetryLayer::new()
+        .info_on_success(false)
+        .header_names(HeaderNames {
+            attempt: None,
+            ..Default::default()
+        })
+        .budgets(Budgets::none())
 }
 
 /// Calls `svc` `n` times on a current-thread runtime; returns the successes.
@@ -104,6 +142,27 @@ fn main() {
         "guard_post" => run(guard(RetryLayer::new()), post, n),
         "guard_get_no_info" => run(guard(RetryLayer::new().info_on_success(false)), get, n),
         "guard_get_no_budgets" => run(guard(RetryLayer::new().budgets(Budgets::none())), get, n),
+        "guard_get_floor" => run(guard(floor()), get, n),
+        // Requests with two headers and a JSON body, as real LLM/tool calls carry.
+        "bare_hdr" => run(inner(), get_hdr, n),
+        "tower_retry_hdr" => run(
+            ServiceBuilder::new()
+                .layer(tower::retry::RetryLayer::new(NeverRetry))
+                .service(inner()),
+            get_hdr,
+            n,
+        ),
+        "tower_retry_post_hdr" => run(
+            ServiceBuilder::new()
+                .layer(tower::retry::RetryLayer::new(NeverRetry))
+                .service(inner()),
+            post_hdr,
+            n,
+        ),
+        "guard_get_hdr" => run(guard(RetryLayer::new()), get_hdr, n),
+        "guard_post_hdr" => run(guard(RetryLayer::new()), post_hdr, n),
+        "guard_get_no_info_hdr" => run(guard(RetryLayer::new().info_on_success(false)), get_hdr, n),
+        "guard_get_floor_hdr" => run(guard(floor()), get_hdr, n),
         other => {
             eprintln!("unknown variant {other}");
             std::process::exit(2);
