@@ -72,7 +72,8 @@ impl<E: AsError + std::fmt::Debug + std::fmt::Display + 'static> AsError for cra
 /// Classifies a transport error by walking its source chain.
 ///
 /// Retryable: tower's timeout `Elapsed`, `io::ErrorKind::TimedOut` (→ [`ErrorKind::Timeout`]);
-/// connection refused, reset, aborted, not connected, broken pipe, unexpected EOF
+/// connection refused, reset, aborted, not connected, broken pipe, unexpected EOF, and
+/// hyper's "connection closed before the message completed" and "request canceled"
 /// (→ [`ErrorKind::Connect`]). An error an inner retry layer of this crate already gave up on
 /// fails with [`ErrorKind::GaveUp`]. Anything else fails with [`ErrorKind::Other`].
 pub fn classify_error(error: &(dyn StdError + 'static)) -> Outcome {
@@ -101,6 +102,18 @@ pub fn classify_error(error: &(dyn StdError + 'static)) -> Outcome {
                 | io::ErrorKind::BrokenPipe
                 | io::ErrorKind::UnexpectedEof => return Outcome::retry(ErrorKind::Connect),
                 _ => {}
+            }
+        }
+        // hyper (behind hyper-util's client, reqwest, axum...): a connection that closed
+        // before the response was complete is the incident's "lost response"; a request
+        // canceled before it was sent never reached the server. Both are safe to retry
+        // (a side-effecting request still needs its key).
+        if let Some(he) = err.downcast_ref::<hyper::Error>() {
+            if he.is_timeout() {
+                return Outcome::retry(ErrorKind::Timeout);
+            }
+            if he.is_incomplete_message() || he.is_canceled() {
+                return Outcome::retry(ErrorKind::Connect);
             }
         }
         #[cfg(feature = "reqwest")]
