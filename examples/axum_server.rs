@@ -32,16 +32,19 @@ async fn main() -> Result<(), BoxError> {
         .route("/tools/create_ticket", post(create_ticket))
         .with_state(created.clone())
         .layer(
-            IdempotencyLayer::memory()
+            IdempotencyLayer::builder()
                 .ttl(Duration::from_secs(24 * 3600))
-                // One tenant's key never replays another tenant's response.
+                // One tenant's key never replays another tenant's response...
                 .principal(|parts: &http::request::Parts| {
                     parts
                         .headers
                         .get("authorization")
                         .and_then(|v| v.to_str().ok())
                         .map(str::to_owned)
-                }),
+                })
+                // ...and a keyed request without credentials gets 401, not a shared scope.
+                .principal_required()
+                .build()?,
         );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);

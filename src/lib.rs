@@ -102,6 +102,7 @@ mod request;
 mod reqwest_impl;
 pub mod server;
 mod service;
+mod store;
 
 pub use crate::backoff::{Backoff, Jitter};
 pub use crate::body::{BufferErrorBodyLayer, BufferRequestBodyLayer, BufferedBody, ErrorBody};

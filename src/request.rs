@@ -132,14 +132,23 @@ fn validate(bytes: &[u8]) -> Result<(), InvalidKey> {
     if bytes.len() > MAX_KEY_LEN {
         return Err(InvalidKey::new("longer than 255 characters"));
     }
-    if let Some(b) = bytes
+    if let Some(at) = bytes
         .iter()
-        .find(|b| !(0x21..=0x7e).contains(*b) || **b == b'"' || **b == b'\\')
+        .position(|b| !(0x21..=0x7e).contains(b) || *b == b'"' || *b == b'\\')
     {
+        // Name the character, not its first byte (`café` contains 'é', not 'Ã').
+        let rest = &bytes[at..];
+        let valid = match std::str::from_utf8(rest) {
+            Ok(text) => text,
+            Err(e) => std::str::from_utf8(&rest[..e.valid_up_to()]).unwrap_or_default(),
+        };
+        let shown = match valid.chars().next() {
+            Some(c) => format!("{c:?}"),
+            None => format!("the byte 0x{:02x} (not UTF-8)", rest[0]),
+        };
         return Err(InvalidKey {
             problem: Cow::Owned(format!(
-                "contains {:?}: only visible ASCII other than '\"' and '\\' is allowed",
-                char::from(*b)
+                "contains {shown}: only visible ASCII other than '\"' and '\\' is allowed"
             )),
         });
     }

@@ -30,7 +30,7 @@ use tower_retry_guard::budget::{
     BudgetStore, Budgets, Draw, Grant, Limit, MemoryStore, OnStoreError, Scope,
 };
 use tower_retry_guard::server::{
-    Begin, Fingerprint, IDEMPOTENT_REPLAYED, IdempotencyLayer, IdempotencyStore,
+    Begin, Claim, ClaimToken, Fingerprint, IDEMPOTENT_REPLAYED, IdempotencyLayer, IdempotencyStore,
     MemoryIdempotencyStore, ScopedKey, Stored,
 };
 use tower_retry_guard::{
@@ -381,6 +381,7 @@ fn show_begin(b: Result<Begin, impl Debug>) -> String {
         Ok(Begin::Claimed) => "claimed".into(),
         Ok(Begin::InFlight) => "in flight".into(),
         Ok(Begin::Mismatch) => "mismatch".into(),
+        Ok(Begin::Abandoned) => "abandoned".into(),
         Ok(Begin::Done(s)) => {
             let order = s
                 .headers
@@ -395,6 +396,16 @@ fn show_begin(b: Result<Begin, impl Debug>) -> String {
     }
 }
 
+fn claim(fingerprint: Fingerprint, lease: Duration) -> Claim {
+    Claim {
+        token: ClaimToken::random(),
+        fingerprint,
+        lease,
+        keep: HOUR,
+        take_over: false,
+    }
+}
+
 /// Idempotency scenarios; each answer is one line of the transcript.
 async fn idempotency_suite<S: IdempotencyStore>(s: S) -> Vec<String> {
     let mut out = Vec::new();
@@ -404,128 +415,170 @@ async fn idempotency_suite<S: IdempotencyStore>(s: S) -> Vec<String> {
     let ttl = HOUR;
 
     let k = key(None, "k1");
-    out.push(format!(
-        "begin: {}",
-        show_begin(s.begin(&k, fp, lease).await)
-    ));
-    out.push(format!(
-        "again: {}",
-        show_begin(s.begin(&k, fp, lease).await)
-    ));
-    out.push(format!(
-        "other request: {}",
-        show_begin(s.begin(&k, other, lease).await)
-    ));
-    out.push(format!(
-        "complete: {:?}",
-        s.complete(&k, response(1), ttl).await
-    ));
-    out.push(format!(
-        "replay: {}",
-        show_begin(s.begin(&k, fp, lease).await)
-    ));
-    out.push(format!(
-        "other request after: {}",
-        show_begin(s.begin(&k, other, lease).await)
-    ));
-    // Completing again, renewing or releasing leaves a finished key alone.
-    out.push(format!(
-        "complete again: {:?}",
-        s.complete(&k, response(2), ttl).await
-    ));
-    out.push(format!("renew done: {:?}", s.renew(&k, lease).await));
-    out.push(format!("release done: {:?}", s.release(&k).await));
-    out.push(format!(
-        "replay still first: {}",
-        show_begin(s.begin(&k, fp, lease).await)
-    ));
+    let first = claim(fp, lease);
+    let second = claim(fp, lease);
+    let mut line = |what: &str, answer: String| out.push(format!("{what}: {answer}"));
+    line("begin", show_begin(s.begin(&k, &first).await));
+    line("again", show_begin(s.begin(&k, &second).await));
+    line(
+        "other request",
+        show_begin(s.begin(&k, &claim(other, lease)).await),
+    );
+    // Fencing: only the claim's own token completes it.
+    line(
+        "complete, another token",
+        format!("{:?}", s.complete(&k, second.token, response(7), ttl).await),
+    );
+    line(
+        "complete",
+        format!("{:?}", s.complete(&k, first.token, response(1), ttl).await),
+    );
+    line("replay", show_begin(s.begin(&k, &second).await));
+    line(
+        "other request after",
+        show_begin(s.begin(&k, &claim(other, lease)).await),
+    );
+    // Completing again (a retried write) is not an error and changes nothing; renewing or
+    // releasing leaves a finished key alone.
+    line(
+        "complete again",
+        format!("{:?}", s.complete(&k, first.token, response(2), ttl).await),
+    );
+    line(
+        "renew done",
+        format!("{:?}", s.renew(&k, first.token, lease).await),
+    );
+    line(
+        "release done",
+        format!("{:?}", s.release(&k, first.token).await),
+    );
+    line("replay still first", show_begin(s.begin(&k, &second).await));
 
     // Principals scope keys.
     let a = key(Some("alice"), "shared");
     let b = key(Some("bob"), "shared");
-    out.push(format!(
-        "alice: {}",
-        show_begin(s.begin(&a, fp, lease).await)
-    ));
-    out.push(format!(
-        "bob: {}",
-        show_begin(s.begin(&b, other, lease).await)
-    ));
-    out.push(format!(
-        "alice completes: {:?}",
-        s.complete(&a, response(3), ttl).await
-    ));
-    out.push(format!(
-        "bob still: {}",
-        show_begin(s.begin(&b, other, lease).await)
-    ));
+    let alice = claim(fp, lease);
+    line("alice", show_begin(s.begin(&a, &alice).await));
+    line("bob", show_begin(s.begin(&b, &claim(other, lease)).await));
+    line(
+        "alice completes",
+        format!("{:?}", s.complete(&a, alice.token, response(3), ttl).await),
+    );
+    line(
+        "bob still",
+        show_begin(s.begin(&b, &claim(other, lease)).await),
+    );
 
-    // Release frees an in-flight key for anyone.
+    // Release frees an in-flight key, by its own token only.
     let r = key(None, "k2");
-    out.push(format!(
-        "claim: {}",
-        show_begin(s.begin(&r, fp, lease).await)
-    ));
-    out.push(format!("release: {:?}", s.release(&r).await));
-    out.push(format!(
-        "claim after release: {}",
-        show_begin(s.begin(&r, other, lease).await)
-    ));
-    out.push(format!(
-        "release unknown: {:?}",
-        s.release(&key(None, "nope")).await
-    ));
-    out.push(format!(
-        "renew unknown: {:?}",
-        s.renew(&key(None, "nope"), lease).await
-    ));
-    out.push(format!(
-        "complete unclaimed: {}",
-        if s.complete(&key(None, "nope"), response(9), ttl)
-            .await
-            .is_err()
-        {
-            "error"
-        } else {
-            "ok"
-        }
-    ));
+    let held = claim(fp, lease);
+    line("claim", show_begin(s.begin(&r, &held).await));
+    line(
+        "release, another token",
+        format!("{:?}", s.release(&r, ClaimToken::random()).await),
+    );
+    line(
+        "still held",
+        show_begin(s.begin(&r, &claim(fp, lease)).await),
+    );
+    line("release", format!("{:?}", s.release(&r, held.token).await));
+    line(
+        "claim after release",
+        show_begin(s.begin(&r, &claim(other, lease)).await),
+    );
+    let nope = key(None, "nope");
+    let t0 = ClaimToken::random();
+    line(
+        "release unknown",
+        format!("{:?}", s.release(&nope, t0).await),
+    );
+    line(
+        "renew unknown",
+        format!("{:?}", s.renew(&nope, t0, lease).await),
+    );
+    line(
+        "complete unclaimed",
+        format!("{:?}", s.complete(&nope, t0, response(9), ttl).await),
+    );
 
-    // Leases and TTLs run out; a renewal extends a lease.
+    // Leases run out into "abandoned", never "free"; a renewal extends a lease; a late holder
+    // nobody took over still completes; a take-over fences the old holder out.
     let short = Duration::from_millis(150);
     let l = key(None, "lease");
     let n = key(None, "renewed");
     let t = key(None, "ttl");
-    out.push(format!(
-        "short lease: {}",
-        show_begin(s.begin(&l, fp, short).await)
-    ));
-    out.push(format!(
-        "lease to renew: {}",
-        show_begin(s.begin(&n, fp, Duration::from_secs(1)).await)
-    ));
-    out.push(format!("renew: {:?}", s.renew(&n, lease).await));
-    out.push(format!(
-        "to expire: {}",
-        show_begin(s.begin(&t, fp, lease).await)
-    ));
-    out.push(format!(
-        "complete short: {:?}",
-        s.complete(&t, response(4), short).await
-    ));
+    let late = key(None, "late");
+    let lapsed = claim(fp, short);
+    let renewed = claim(fp, Duration::from_secs(1));
+    let expiring = claim(fp, lease);
+    let slow = claim(fp, short);
+    line("short lease", show_begin(s.begin(&l, &lapsed).await));
+    line("lease to renew", show_begin(s.begin(&n, &renewed).await));
+    line(
+        "renew",
+        format!("{:?}", s.renew(&n, renewed.token, lease).await),
+    );
+    line("to expire", show_begin(s.begin(&t, &expiring).await));
+    line(
+        "complete short",
+        format!(
+            "{:?}",
+            s.complete(&t, expiring.token, response(4), short).await
+        ),
+    );
+    line("slow holder", show_begin(s.begin(&late, &slow).await));
     tokio::time::sleep(Duration::from_millis(1300)).await;
-    out.push(format!(
-        "after the lease: {}",
-        show_begin(s.begin(&l, other, lease).await)
-    ));
-    out.push(format!(
-        "after the old lease, renewed: {}",
-        show_begin(s.begin(&n, fp, lease).await)
-    ));
-    out.push(format!(
-        "after the ttl: {}",
-        show_begin(s.begin(&t, other, lease).await)
-    ));
+    line(
+        "after the lease",
+        show_begin(s.begin(&l, &claim(fp, lease)).await),
+    );
+    line(
+        "after the lease, other request",
+        show_begin(s.begin(&l, &claim(other, lease)).await),
+    );
+    let rescuer = Claim {
+        take_over: true,
+        ..claim(fp, lease)
+    };
+    line("take over", show_begin(s.begin(&l, &rescuer).await));
+    line(
+        "old holder renews",
+        format!("{:?}", s.renew(&l, lapsed.token, lease).await),
+    );
+    line(
+        "old holder completes",
+        format!("{:?}", s.complete(&l, lapsed.token, response(5), ttl).await),
+    );
+    line(
+        "new holder completes",
+        format!(
+            "{:?}",
+            s.complete(&l, rescuer.token, response(6), ttl).await
+        ),
+    );
+    line(
+        "replay after take over",
+        show_begin(s.begin(&l, &claim(fp, lease)).await),
+    );
+    line(
+        "after the old lease, renewed",
+        show_begin(s.begin(&n, &claim(fp, lease)).await),
+    );
+    line(
+        "late holder completes",
+        format!(
+            "{:?}",
+            s.complete(&late, slow.token, response(8), ttl).await
+        ),
+    );
+    line(
+        "replay late",
+        show_begin(s.begin(&late, &claim(fp, lease)).await),
+    );
+    line(
+        "after the ttl",
+        show_begin(s.begin(&t, &claim(other, lease)).await),
+    );
     out
 }
 
@@ -533,30 +586,42 @@ const EXPECTED_IDEMPOTENCY: &[&str] = &[
     "begin: claimed",
     "again: in flight",
     "other request: mismatch",
-    "complete: Ok(())",
+    "complete, another token: Ok(Lost)",
+    "complete: Ok(Held)",
     "replay: done: order 1, identical true",
     "other request after: mismatch",
-    "complete again: Ok(())",
-    "renew done: Ok(())",
-    "release done: Ok(())",
+    "complete again: Ok(Held)",
+    "renew done: Ok(Lost)",
+    "release done: Ok(Lost)",
     "replay still first: done: order 1, identical true",
     "alice: claimed",
     "bob: claimed",
-    "alice completes: Ok(())",
+    "alice completes: Ok(Held)",
     "bob still: in flight",
     "claim: claimed",
-    "release: Ok(())",
+    "release, another token: Ok(Lost)",
+    "still held: in flight",
+    "release: Ok(Held)",
     "claim after release: claimed",
-    "release unknown: Ok(())",
-    "renew unknown: Ok(())",
-    "complete unclaimed: error",
+    "release unknown: Ok(Lost)",
+    "renew unknown: Ok(Lost)",
+    "complete unclaimed: Ok(Lost)",
     "short lease: claimed",
     "lease to renew: claimed",
-    "renew: Ok(())",
+    "renew: Ok(Held)",
     "to expire: claimed",
-    "complete short: Ok(())",
-    "after the lease: claimed",
+    "complete short: Ok(Held)",
+    "slow holder: claimed",
+    "after the lease: abandoned",
+    "after the lease, other request: mismatch",
+    "take over: claimed",
+    "old holder renews: Ok(Lost)",
+    "old holder completes: Ok(Lost)",
+    "new holder completes: Ok(Held)",
+    "replay after take over: done: order 6, identical true",
     "after the old lease, renewed: in flight",
+    "late holder completes: Ok(Held)",
+    "replay late: done: order 8, identical true",
     "after the ttl: claimed",
 ];
 
@@ -601,23 +666,32 @@ async fn prefixes_separate_stores_and_malformed_values_are_errors() {
     assert!(a.draw(&t).await.is_err());
     let k = key(None, "k");
     let fp = Fingerprint::from_u128(7);
-    for junk in ["x", "Fshort", "Dxxxxxxxxxxxxxxxx", "Z0123456789abcdefg"] {
-        let answer = ask(server.port, &format!("SET a:i:g:k {junk}\r\n")).expect("SET");
-        assert!(answer.starts_with("+OK"), "{answer}");
-        let begin = a.begin(&k, fp, HOUR).await;
+    let hex = |bytes: &[u8]| -> String { bytes.iter().map(|b| format!("\\x{b:02x}")).collect() };
+    let fp_hex = hex(&fp.as_u128().to_be_bytes());
+    for junk in [
+        "SET a:i:g:k x".to_owned(),
+        format!("HSET a:i:g:k s Z f \"{fp_hex}\""),
+        format!("HSET a:i:g:k s F f \"{fp_hex}\" l soon"),
+        "HSET a:i:g:k s F".to_owned(),
+    ] {
+        ask(server.port, "DEL a:i:g:k\r\n").expect("DEL");
+        let answer = ask(server.port, &format!("{junk}\r\n")).expect("write junk");
+        assert!(!answer.starts_with('-'), "{answer}");
+        let begin = a.begin(&k, &claim(fp, HOUR)).await;
         assert!(
             begin.is_err() || begin == Ok(Begin::Mismatch),
             "{junk}: {begin:?}"
         );
     }
     // A finished entry whose fingerprint matches but whose response is truncated.
-    let mut v = vec![b'D'];
-    v.extend_from_slice(&fp.as_u128().to_be_bytes());
-    v.extend_from_slice(&[1, 0]);
-    let hex: String = v.iter().map(|b| format!("\\x{b:02x}")).collect();
-    let answer = ask(server.port, &format!("SET a:i:g:k \"{hex}\"\r\n")).expect("SET");
-    assert!(answer.starts_with("+OK"), "{answer}");
-    assert!(a.begin(&k, fp, HOUR).await.is_err());
+    ask(server.port, "DEL a:i:g:k\r\n").expect("DEL");
+    let answer = ask(
+        server.port,
+        &format!("HSET a:i:g:k s D f \"{fp_hex}\" r \"\\x01\\x00\"\r\n"),
+    )
+    .expect("HSET");
+    assert!(!answer.starts_with('-'), "{answer}");
+    assert!(a.begin(&k, &claim(fp, HOUR)).await.is_err());
 
     // After SCRIPT FLUSH (as after a restart), the scripts are loaded again.
     let answer = ask(server.port, "SCRIPT FLUSH\r\n").expect("SCRIPT FLUSH");
@@ -627,7 +701,7 @@ async fn prefixes_separate_stores_and_malformed_values_are_errors() {
         Ok(Grant::Granted)
     );
     assert_eq!(
-        b.begin(&key(None, "fresh"), fp, HOUR).await,
+        b.begin(&key(None, "fresh"), &claim(fp, HOUR)).await,
         Ok(Begin::Claimed)
     );
     b.ping().await.expect("ping");
@@ -935,7 +1009,7 @@ async fn a_store_that_never_connected_errors_within_its_timeout() {
     assert!(store.draw(&t).await.is_err());
     assert!(
         store
-            .begin(&key(None, "k"), Fingerprint::from_u128(1), HOUR)
+            .begin(&key(None, "k"), &claim(Fingerprint::from_u128(1), HOUR))
             .await
             .is_err()
     );

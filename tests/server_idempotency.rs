@@ -20,10 +20,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::Notify;
 use tower::{Service, ServiceExt};
-use tower_retry_guard::IdempotencyKey;
+use tower_retry_guard::budget::StoreError;
 use tower_retry_guard::server::{
-    Begin, Fingerprint, IDEMPOTENT_REPLAYED, IdempotencyLayer, IdempotencyStore,
-    MemoryIdempotencyStore, OversizedResponse, ReleaseKey, ScopedKey, Stored,
+    Begin, Claim, ClaimToken, Fingerprint, IDEMPOTENT_REPLAYED, IdempotencyLayer, IdempotencyStore,
+    OversizedResponse, Ownership, ReleaseKey, ScopedKey, Stored,
 };
 
 #[derive(Clone, Default)]
@@ -89,13 +89,16 @@ fn router(app: App, layer: IdempotencyLayer) -> Router {
 }
 
 fn layer() -> IdempotencyLayer {
-    IdempotencyLayer::memory().principal(|parts| {
-        parts
-            .headers
-            .get("x-user")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    })
+    IdempotencyLayer::builder()
+        .principal(|parts| {
+            parts
+                .headers
+                .get("x-user")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        })
+        .build()
+        .expect("valid settings")
 }
 
 async fn serve(app: Router) -> SocketAddr {
@@ -393,7 +396,10 @@ async fn results_expire_after_ttl() {
     let app = App::default();
     let r = router(
         app.clone(),
-        IdempotencyLayer::memory().ttl(Duration::from_secs(60)),
+        IdempotencyLayer::builder()
+            .ttl(Duration::from_secs(60))
+            .build()
+            .unwrap(),
     );
     assert!(
         !call(&r, "/orders", "ttl", "a")
@@ -433,7 +439,12 @@ async fn a_slow_handler_keeps_its_claim_past_the_lease() {
                 }
             }),
         )
-        .layer(IdempotencyLayer::memory().lease(Duration::from_secs(3)));
+        .layer(
+            IdempotencyLayer::builder()
+                .lease(Duration::from_secs(3))
+                .build()
+                .unwrap(),
+        );
     let first = tokio::spawn({
         let r = r.clone();
         async move { body_of(call(&r, "/slow", "slow", "").await).await }
@@ -513,7 +524,10 @@ async fn server_errors_are_stored_by_default_and_release_on_request() {
     let app = App::default();
     let r = router(
         app.clone(),
-        IdempotencyLayer::memory().store_server_errors(false),
+        IdempotencyLayer::builder()
+            .store_server_errors(false)
+            .build()
+            .unwrap(),
     );
     call(&r, "/fail", "e", "").await;
     let again = call(&r, "/fail", "e", "").await;
@@ -525,7 +539,10 @@ async fn oversized_response_is_answered_once_then_replays_500() {
     let app = App::default();
     let r = router(
         app.clone(),
-        IdempotencyLayer::memory().max_response_body(1024),
+        IdempotencyLayer::builder()
+            .max_response_body(1024)
+            .build()
+            .unwrap(),
     );
     let first = call(&r, "/big", "big", "").await;
     assert_eq!(first.status(), StatusCode::OK);
@@ -537,9 +554,11 @@ async fn oversized_response_is_answered_once_then_replays_500() {
 
     let r = router(
         app.clone(),
-        IdempotencyLayer::memory()
+        IdempotencyLayer::builder()
             .max_response_body(1024)
-            .on_oversized_response(OversizedResponse::Release),
+            .on_oversized_response(OversizedResponse::Release)
+            .build()
+            .unwrap(),
     );
     assert_eq!(body_of(call(&r, "/big", "big", "").await).await.len(), 4096);
     assert_eq!(body_of(call(&r, "/big", "big", "").await).await.len(), 4096);
@@ -549,7 +568,13 @@ async fn oversized_response_is_answered_once_then_replays_500() {
 #[tokio::test]
 async fn large_request_body_is_413() {
     let app = App::default();
-    let r = router(app.clone(), IdempotencyLayer::memory().max_request_body(8));
+    let r = router(
+        app.clone(),
+        IdempotencyLayer::builder()
+            .max_request_body(8)
+            .build()
+            .unwrap(),
+    );
     let res = call(&r, "/orders", "big-req", "0123456789").await;
     assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(app.effects.load(Ordering::SeqCst), 0);
@@ -559,31 +584,28 @@ async fn large_request_body_is_413() {
 struct BrokenStore;
 
 impl IdempotencyStore for BrokenStore {
-    async fn begin(
-        &self,
-        _: &ScopedKey,
-        _: Fingerprint,
-        _: Duration,
-    ) -> Result<Begin, tower_retry_guard::budget::StoreError> {
-        Err(tower_retry_guard::budget::StoreError::new("down"))
+    async fn begin(&self, _: &ScopedKey, _: &Claim) -> Result<Begin, StoreError> {
+        Err(StoreError::new("down"))
     }
     async fn complete(
         &self,
         _: &ScopedKey,
+        _: ClaimToken,
         _: Stored,
         _: Duration,
-    ) -> Result<(), tower_retry_guard::budget::StoreError> {
-        Err(tower_retry_guard::budget::StoreError::new("down"))
+    ) -> Result<Ownership, StoreError> {
+        Err(StoreError::new("down"))
     }
     async fn renew(
         &self,
         _: &ScopedKey,
+        _: ClaimToken,
         _: Duration,
-    ) -> Result<(), tower_retry_guard::budget::StoreError> {
-        Err(tower_retry_guard::budget::StoreError::new("down"))
+    ) -> Result<Ownership, StoreError> {
+        Err(StoreError::new("down"))
     }
-    async fn release(&self, _: &ScopedKey) -> Result<(), tower_retry_guard::budget::StoreError> {
-        Err(tower_retry_guard::budget::StoreError::new("down"))
+    async fn release(&self, _: &ScopedKey, _: ClaimToken) -> Result<Ownership, StoreError> {
+        Err(StoreError::new("down"))
     }
 }
 
@@ -598,74 +620,6 @@ async fn store_failure_is_503_and_nothing_runs() {
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(res.headers()["retry-after"], "1");
     assert_eq!(app.effects.load(Ordering::SeqCst), 0);
-}
-
-// ---- the memory store itself ----
-
-fn key(k: &str) -> ScopedKey {
-    ScopedKey::new(None, IdempotencyKey::new(k).unwrap())
-}
-
-fn stored(body: &'static str) -> Stored {
-    Stored {
-        status: StatusCode::OK,
-        headers: http::HeaderMap::new(),
-        body: Bytes::from_static(body.as_bytes()),
-    }
-}
-
-#[tokio::test(start_paused = true)]
-async fn memory_store_leases_ttl_and_sweep() {
-    let store = MemoryIdempotencyStore::with_limits(3, Duration::from_secs(10));
-    let fp = Fingerprint::of(&http::Method::POST, "/x", b"1");
-    let other = Fingerprint::of(&http::Method::POST, "/x", b"2");
-    let lease = Duration::from_secs(30);
-
-    assert_eq!(store.begin(&key("a"), fp, lease).await, Ok(Begin::Claimed));
-    assert_eq!(store.begin(&key("a"), fp, lease).await, Ok(Begin::InFlight));
-    assert_eq!(
-        store.begin(&key("a"), other, lease).await,
-        Ok(Begin::Mismatch)
-    );
-    // A dead claimant's lease runs out: the key can be claimed again.
-    tokio::time::advance(Duration::from_secs(31)).await;
-    assert_eq!(store.begin(&key("a"), fp, lease).await, Ok(Begin::Claimed));
-    store
-        .complete(&key("a"), stored("done"), Duration::from_secs(60))
-        .await
-        .unwrap();
-    assert_eq!(
-        store.begin(&key("a"), fp, lease).await,
-        Ok(Begin::Done(stored("done")))
-    );
-    // Release leaves finished keys alone.
-    store.release(&key("a")).await.unwrap();
-    assert_eq!(
-        store.begin(&key("a"), other, lease).await,
-        Ok(Begin::Mismatch)
-    );
-
-    // Released claims are free again.
-    assert_eq!(store.begin(&key("b"), fp, lease).await, Ok(Begin::Claimed));
-    store.release(&key("b")).await.unwrap();
-    assert_eq!(store.begin(&key("b"), fp, lease).await, Ok(Begin::Claimed));
-
-    // The cap: a, b, c held; d refused.
-    assert_eq!(store.begin(&key("c"), fp, lease).await, Ok(Begin::Claimed));
-    assert!(store.begin(&key("d"), fp, lease).await.is_err());
-
-    // Everything expires and the periodic sweep drops it.
-    tokio::time::advance(Duration::from_secs(120)).await;
-    assert_eq!(store.len(), 3);
-    assert_eq!(store.begin(&key("d"), fp, lease).await, Ok(Begin::Claimed));
-    assert_eq!(store.len(), 1);
-
-    // Principals scope keys.
-    let ka = ScopedKey::new(Some("alice"), IdempotencyKey::new("p").unwrap());
-    let kb = ScopedKey::new(Some("bob"), IdempotencyKey::new("p").unwrap());
-    assert_ne!(ka.storage_key(), kb.storage_key());
-    assert_eq!(store.begin(&ka, fp, lease).await, Ok(Begin::Claimed));
-    assert_eq!(store.begin(&kb, other, lease).await, Ok(Begin::Claimed));
 }
 
 #[test]

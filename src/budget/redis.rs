@@ -61,7 +61,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::{BudgetStore, Draw, Grant, Limit, StoreError};
-use crate::server::{Begin, Fingerprint, IdempotencyStore, ScopedKey, Stored};
+use crate::server::{Begin, Claim, ClaimToken, IdempotencyStore, Ownership, ScopedKey, Stored};
 
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "trg:";
@@ -141,61 +141,74 @@ end
 return {1}
 "#;
 
-/// Claims `KEYS[1]` with `ARGV[1]` (`F` + fingerprint) for `ARGV[2]` ms, unless held.
-///
-/// Answers `{0}` claimed, `{1}` in flight, `{2, response}` done, `{3}` mismatch, `{4}`
-/// malformed entry.
-const BEGIN_LUA: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if not v then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return {0}
-end
-if #v < 17 then return {4} end
-local st = string.sub(v, 1, 1)
-if st ~= 'F' and st ~= 'D' then return {4} end
-if string.sub(v, 2, 17) ~= string.sub(ARGV[1], 2, 17) then return {3} end
-if st == 'F' then return {1} end
-return {2, string.sub(v, 18)}
+/// Redis's clock in milliseconds, for the idempotency scripts.
+const NOW_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 "#;
 
-/// Completes an in-flight `KEYS[1]` with the response `ARGV[1]`, kept `ARGV[2]` ms.
+/// Claims the hash `KEYS[1]` (fields `s` state `F`/`D`, `f` fingerprint, `t` token, `l` lease
+/// end in ms, `r` response) for fingerprint `ARGV[1]` and token `ARGV[2]`, leased `ARGV[3]`
+/// ms, the record kept `ARGV[4]` ms; `ARGV[5]` = `1` takes over an abandoned claim.
 ///
-/// Answers 1 stored, 2 already done (left alone), 0 not held, -1 malformed entry.
+/// Answers `{0}` claimed, `{1}` in flight, `{2, response}` done, `{3}` mismatch, `{4}`
+/// malformed entry, `{5}` abandoned.
+const BEGIN_LUA: &str = r#"
+local v = redis.call('HMGET', KEYS[1], 's', 'f', 'l')
+if not v[1] then
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[1], 's', 'F', 'f', ARGV[1], 't', ARGV[2], 'l', now + tonumber(ARGV[3]))
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  return {0}
+end
+if v[2] ~= ARGV[1] then return {3} end
+if v[1] == 'D' then return {2, redis.call('HGET', KEYS[1], 'r')} end
+local lease = tonumber(v[3])
+if v[1] ~= 'F' or not lease then return {4} end
+if lease > now then return {1} end
+if ARGV[5] ~= '1' then return {5} end
+redis.call('HSET', KEYS[1], 't', ARGV[2], 'l', now + tonumber(ARGV[3]))
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[1], ARGV[4]) end
+return {0}
+"#;
+
+/// Completes `KEYS[1]` claimed under token `ARGV[1]` with the response `ARGV[2]`, kept
+/// `ARGV[3]` ms (even if its lease ran out: nobody took it over).
+///
+/// Answers 1 stored, 2 already done under this token, 0 not held, -1 malformed entry.
 const COMPLETE_LUA: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if not v then return 0 end
-local st = string.sub(v, 1, 1)
-if #v < 17 or (st ~= 'F' and st ~= 'D') then return -1 end
-if st == 'D' then return 2 end
-redis.call('SET', KEYS[1], 'D' .. string.sub(v, 2, 17) .. ARGV[1], 'PX', ARGV[2])
+local v = redis.call('HMGET', KEYS[1], 's', 't')
+if not v[1] or v[2] ~= ARGV[1] then return 0 end
+if v[1] == 'D' then return 2 end
+if v[1] ~= 'F' then return -1 end
+redis.call('HSET', KEYS[1], 's', 'D', 'r', ARGV[2])
+redis.call('HDEL', KEYS[1], 'l')
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 "#;
 
-/// Extends an in-flight `KEYS[1]`'s lease to `ARGV[1]` ms. Answers 1 if renewed, else 0.
+/// Extends the lease of `KEYS[1]` claimed under token `ARGV[1]` to `ARGV[2]` ms from now.
+/// Answers 1 if renewed, else 0.
 const RENEW_LUA: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, 1) == 'F' then
-  redis.call('PEXPIRE', KEYS[1], ARGV[1])
-  return 1
-end
-return 0
+local v = redis.call('HMGET', KEYS[1], 's', 't')
+if v[1] ~= 'F' or v[2] ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'l', now + tonumber(ARGV[2]))
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
 "#;
 
-/// Deletes `KEYS[1]` if it is in flight. Answers 1 if deleted, else 0.
+/// Deletes `KEYS[1]` if it is in flight under token `ARGV[1]`. Answers 1 if deleted, else 0.
 const RELEASE_LUA: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if v and string.sub(v, 1, 1) == 'F' then
-  redis.call('DEL', KEYS[1])
-  return 1
-end
-return 0
+local v = redis.call('HMGET', KEYS[1], 's', 't')
+if v[1] ~= 'F' or v[2] ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+return 1
 "#;
 
 static DRAW: LazyLock<Script> = LazyLock::new(|| Script::new(DRAW_LUA));
-static BEGIN: LazyLock<Script> = LazyLock::new(|| Script::new(BEGIN_LUA));
+static BEGIN: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{NOW_LUA}{BEGIN_LUA}")));
 static COMPLETE: LazyLock<Script> = LazyLock::new(|| Script::new(COMPLETE_LUA));
-static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(RENEW_LUA));
+static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{NOW_LUA}{RENEW_LUA}")));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LUA));
 
 /// Budgets and idempotency keys in Redis, shared by every process that uses the same Redis
@@ -461,20 +474,15 @@ fn parse_grant(value: &Value, draws: &[Draw]) -> Result<Grant, StoreError> {
 }
 
 impl IdempotencyStore for RedisStore {
-    async fn begin(
-        &self,
-        key: &ScopedKey,
-        fingerprint: Fingerprint,
-        lease: Duration,
-    ) -> Result<Begin, StoreError> {
-        let mut claim = Vec::with_capacity(17);
-        claim.push(b'F');
-        claim.extend_from_slice(&fingerprint.as_u128().to_be_bytes());
+    async fn begin(&self, key: &ScopedKey, claim: &Claim) -> Result<Begin, StoreError> {
         let mut invocation = BEGIN.prepare_invoke();
         invocation
             .key(self.idempotency_key(key))
-            .arg(claim)
-            .arg(millis(lease));
+            .arg(&claim.fingerprint.as_u128().to_be_bytes()[..])
+            .arg(&claim.token.as_u128().to_be_bytes()[..])
+            .arg(millis(claim.lease))
+            .arg(millis(claim.keep.max(claim.lease)))
+            .arg(if claim.take_over { "1" } else { "0" });
         let mut conn = self.manager.clone();
         let value: Value = self
             .bounded("idempotency begin", invocation.invoke_async(&mut conn))
@@ -489,6 +497,7 @@ impl IdempotencyStore for RedisStore {
             [Value::Int(2), Value::BulkString(bytes)] => decode_stored(bytes).map(Begin::Done),
             [Value::Int(3)] => Ok(Begin::Mismatch),
             [Value::Int(4)] => Err(bad("malformed entry in Redis")),
+            [Value::Int(5)] => Ok(Begin::Abandoned),
             _ => Err(bad("unexpected answer")),
         }
     }
@@ -496,24 +505,24 @@ impl IdempotencyStore for RedisStore {
     async fn complete(
         &self,
         key: &ScopedKey,
+        token: ClaimToken,
         stored: Stored,
         ttl: Duration,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Ownership, StoreError> {
         let encoded = encode_stored(&stored)?;
         let ttl = millis(ttl).to_string();
+        let token = token.as_u128().to_be_bytes();
         match self
             .int_script(
                 "idempotency complete",
                 &COMPLETE,
                 key,
-                &[&encoded, ttl.as_bytes()],
+                &[&token, &encoded, ttl.as_bytes()],
             )
             .await?
         {
-            1 | 2 => Ok(()),
-            0 => Err(StoreError::new(
-                "completing an idempotency key that is not claimed (its lease ran out?)",
-            )),
+            1 | 2 => Ok(Ownership::Held),
+            0 => Ok(Ownership::Lost),
             n => Err(store_error(
                 "idempotency complete",
                 format!("malformed entry in Redis ({n})"),
@@ -521,17 +530,39 @@ impl IdempotencyStore for RedisStore {
         }
     }
 
-    async fn renew(&self, key: &ScopedKey, lease: Duration) -> Result<(), StoreError> {
+    async fn renew(
+        &self,
+        key: &ScopedKey,
+        token: ClaimToken,
+        lease: Duration,
+    ) -> Result<Ownership, StoreError> {
         let lease = millis(lease).to_string();
-        self.int_script("idempotency renew", &RENEW, key, &[lease.as_bytes()])
-            .await
-            .map(drop)
+        let token = token.as_u128().to_be_bytes();
+        let n = self
+            .int_script(
+                "idempotency renew",
+                &RENEW,
+                key,
+                &[&token, lease.as_bytes()],
+            )
+            .await?;
+        Ok(if n == 1 {
+            Ownership::Held
+        } else {
+            Ownership::Lost
+        })
     }
 
-    async fn release(&self, key: &ScopedKey) -> Result<(), StoreError> {
-        self.int_script("idempotency release", &RELEASE, key, &[])
-            .await
-            .map(drop)
+    async fn release(&self, key: &ScopedKey, token: ClaimToken) -> Result<Ownership, StoreError> {
+        let token = token.as_u128().to_be_bytes();
+        let n = self
+            .int_script("idempotency release", &RELEASE, key, &[&token])
+            .await?;
+        Ok(if n == 1 {
+            Ownership::Held
+        } else {
+            Ownership::Lost
+        })
     }
 }
 

@@ -68,18 +68,22 @@
 //! ```
 
 mod body;
+mod config;
 mod dedupe;
 mod idempotency;
+mod memory;
 mod store;
 
 pub use self::body::{BoxError, IdempotencyBody};
+pub use self::config::ConfigError;
 pub use self::dedupe::{Dedupe, DedupeError, DedupeFuture, DedupeLayer, KeyFn};
 pub use self::idempotency::{
-    IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Idempotency, IdempotencyLayer, OversizedResponse,
-    ReleaseKey, ResponseFuture,
+    IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Idempotency, IdempotencyLayer, IdempotencyLayerBuilder,
+    OversizedResponse, ReleaseKey, ResponseFuture, UnknownOutcome,
 };
+pub use self::memory::{MemoryIdempotencyStore, MemoryIdempotencyStoreBuilder};
 pub use self::store::{
-    Begin, Fingerprint, IdempotencyStore, MemoryIdempotencyStore, ScopedKey, Stored,
+    Begin, Claim, ClaimToken, Fingerprint, IdempotencyStore, Ownership, ScopedKey, Stored,
 };
 /// The Redis store also holds idempotency keys (feature `redis`).
 #[cfg(feature = "redis")]

@@ -1,0 +1,531 @@
+//! [`MemoryIdempotencyStore`]: idempotency keys in this process's memory, bounded in entries
+//! and bytes, for everyone and for each principal.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use dashmap::mapref::entry::Entry as MapEntry;
+use tokio::time::Instant;
+
+use super::config::ConfigError;
+use super::store::{
+    Begin, Claim, ClaimToken, Fingerprint, IdempotencyStore, Ownership, ScopedKey, Stored,
+};
+use crate::store::StoreError;
+
+/// Bytes counted for an entry beside its key and stored response: the map slot, the entry
+/// and the principal's `Arc` (an estimate, so the byte budget bounds the real footprint).
+const ENTRY_OVERHEAD: usize = 128;
+
+/// Bytes every claim holds in reserve for its result, so that a small answer (the layer's
+/// "completed, result not kept" marker) always fits once the request ran, even in a full
+/// store: a result is never refused room after its side effect happened, only a larger one.
+pub(crate) const MARKER_RESERVE: usize = 512;
+
+#[derive(Debug)]
+enum Entry {
+    InFlight {
+        fingerprint: Fingerprint,
+        token: ClaimToken,
+        lease_until: Instant,
+        until: Instant,
+        size: usize,
+    },
+    Done {
+        fingerprint: Fingerprint,
+        token: ClaimToken,
+        stored: Stored,
+        until: Instant,
+        size: usize,
+    },
+}
+
+impl Entry {
+    fn until(&self) -> Instant {
+        match self {
+            Entry::InFlight { until, .. } | Entry::Done { until, .. } => *until,
+        }
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Entry::InFlight { size, .. } | Entry::Done { size, .. } => *size,
+        }
+    }
+}
+
+/// The limits of a [`MemoryIdempotencyStore`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Limits {
+    max_entries: usize,
+    max_bytes: usize,
+    max_entries_per_principal: usize,
+    max_bytes_per_principal: usize,
+    sweep_every: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_entries: 100_000,
+            max_bytes: 256 << 20,
+            max_entries_per_principal: 25_000,
+            max_bytes_per_principal: 64 << 20,
+            sweep_every: Duration::from_secs(60),
+        }
+    }
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Usage {
+    entries: usize,
+    bytes: usize,
+}
+
+/// Idempotency keys in this process's memory (a [`DashMap`]).
+///
+/// Entries expire: a result when its TTL runs out, a claim when its record does
+/// ([`Claim::keep`]; its *lease* running out only makes it abandoned). Expired entries are
+/// dropped when touched, and by a sweep of the whole map at most once per sweep interval
+/// (default 60 s, run by whichever call comes first after it).
+///
+/// Memory is bounded twice, and fairly: at most 100 000 entries and 256 MiB (keys, stored
+/// responses and a fixed overhead per entry) in all, and at most 25 000 entries and 64 MiB
+/// per principal (the global scope, requests without a principal, counts as one principal).
+/// A new key beyond a limit is refused with a [`StoreError::full`] naming the limit and the
+/// principal (the layer answers 503, or 429 for a principal over its share); nothing is
+/// evicted early, since a result dropped before its TTL would let a retry run again. A result
+/// too large for what is left is refused the same way; the layer then keeps a small marker
+/// instead ("completed, result not kept"), so the request still never runs twice. Raise the
+/// per-principal share to the whole store for a single-tenant server
+/// ([`MemoryIdempotencyStoreBuilder::max_per_principal`]).
+///
+/// Clones share the map. Time is [`tokio::time::Instant`], so tests can pause it.
+#[derive(Clone)]
+pub struct MemoryIdempotencyStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    map: DashMap<ScopedKey, Entry>,
+    /// Per principal; a row exists only while the principal holds an entry. Locked after a
+    /// `map` shard, never before.
+    usage: DashMap<Option<Arc<str>>, Usage>,
+    entries: AtomicUsize,
+    bytes: AtomicUsize,
+    limits: Limits,
+    epoch: Instant,
+    /// Milliseconds since `epoch` of the last sweep.
+    last_sweep: AtomicU64,
+}
+
+impl fmt::Debug for MemoryIdempotencyStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryIdempotencyStore")
+            .field("entries", &self.len())
+            .field("bytes", &self.bytes())
+            .field("limits", &self.inner.limits)
+            .finish()
+    }
+}
+
+impl Default for MemoryIdempotencyStore {
+    fn default() -> Self {
+        MemoryIdempotencyStore::new()
+    }
+}
+
+/// Builds a [`MemoryIdempotencyStore`] with other limits; [`build`](Self::build) checks them.
+#[derive(Debug, Clone)]
+pub struct MemoryIdempotencyStoreBuilder {
+    limits: Limits,
+}
+
+impl MemoryIdempotencyStoreBuilder {
+    /// The most entries (claims and results) and bytes held in all (default 100 000 and
+    /// 256 MiB).
+    pub fn max_total(mut self, entries: usize, bytes: usize) -> Self {
+        self.limits.max_entries = entries;
+        self.limits.max_bytes = bytes;
+        self
+    }
+
+    /// The most entries and bytes one principal may hold (default 25 000 and 64 MiB), so
+    /// one tenant cannot take another's room.
+    pub fn max_per_principal(mut self, entries: usize, bytes: usize) -> Self {
+        self.limits.max_entries_per_principal = entries;
+        self.limits.max_bytes_per_principal = bytes;
+        self
+    }
+
+    /// How often the whole map is swept of expired entries (default 60 s).
+    pub fn sweep_every(mut self, every: Duration) -> Self {
+        self.limits.sweep_every = every;
+        self
+    }
+
+    /// The store, or the first bad setting.
+    pub fn build(self) -> Result<MemoryIdempotencyStore, ConfigError> {
+        let l = self.limits;
+        let err = |setting, problem: &str| Err(ConfigError::new("memory store", setting, problem));
+        if l.max_entries == 0 || l.max_bytes == 0 {
+            return err("max_total", "must allow at least one entry and one byte");
+        }
+        if l.max_entries_per_principal == 0 || l.max_bytes_per_principal == 0 {
+            return err(
+                "max_per_principal",
+                "must allow at least one entry and one byte",
+            );
+        }
+        if l.max_entries_per_principal > l.max_entries || l.max_bytes_per_principal > l.max_bytes {
+            return err("max_per_principal", "is larger than `max_total`");
+        }
+        if l.sweep_every.is_zero() {
+            return err("sweep_every", "must be longer than zero");
+        }
+        Ok(MemoryIdempotencyStore::with(l))
+    }
+}
+
+impl MemoryIdempotencyStore {
+    /// An empty store with the default limits (see the type's docs).
+    pub fn new() -> Self {
+        MemoryIdempotencyStore::with(Limits::default())
+    }
+
+    /// A builder for other limits.
+    pub fn builder() -> MemoryIdempotencyStoreBuilder {
+        MemoryIdempotencyStoreBuilder {
+            limits: Limits::default(),
+        }
+    }
+
+    fn with(limits: Limits) -> Self {
+        MemoryIdempotencyStore {
+            inner: Arc::new(Inner {
+                map: DashMap::new(),
+                usage: DashMap::new(),
+                entries: AtomicUsize::new(0),
+                bytes: AtomicUsize::new(0),
+                limits,
+                epoch: Instant::now(),
+                last_sweep: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    /// Entries held now, expired ones not yet dropped included.
+    pub fn len(&self) -> usize {
+        self.inner.map.len()
+    }
+
+    /// Whether the store holds no entry.
+    pub fn is_empty(&self) -> bool {
+        self.inner.map.is_empty()
+    }
+
+    /// Bytes counted against the budget now (keys, stored responses, overhead).
+    pub fn bytes(&self) -> usize {
+        self.inner.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Entries and bytes held now by `principal` (`None`: the global scope).
+    pub fn usage_of(&self, principal: Option<&str>) -> (usize, usize) {
+        let principal: Option<Arc<str>> = principal.map(Arc::from);
+        self.inner
+            .usage
+            .get(&principal)
+            .map_or((0, 0), |u| (u.entries, u.bytes))
+    }
+
+    /// Drops every expired entry now.
+    pub fn sweep(&self) {
+        self.sweep_expired(Instant::now());
+    }
+
+    fn sweep_expired(&self, now: Instant) {
+        let inner = &self.inner;
+        inner.map.retain(|key, e| {
+            let keep = e.until() > now;
+            if !keep {
+                inner.refund(key, 1, e.size());
+            }
+            keep
+        });
+    }
+
+    /// Sweeps if the last sweep is at least `every` old.
+    fn sweep_if_older(&self, now: Instant, every: Duration) {
+        let inner = &self.inner;
+        let ms = now.saturating_duration_since(inner.epoch).as_millis() as u64;
+        let last = inner.last_sweep.load(Ordering::Relaxed);
+        if ms.saturating_sub(last) >= every.as_millis() as u64
+            && inner
+                .last_sweep
+                .compare_exchange(last, ms, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            self.sweep_expired(now);
+        }
+    }
+
+    /// Before a new key: the periodic sweep, and, when a limit is near, a sweep of expired
+    /// entries (they count until dropped) at most once a second, so a store that is really
+    /// full is not scanned on every request. Never called under a map lock (a sweep takes
+    /// every shard).
+    fn make_room(&self, key: &ScopedKey, size: usize, now: Instant) {
+        self.sweep_if_older(now, self.inner.limits.sweep_every);
+        if self.inner.check(key, size).is_err() {
+            let every = self.inner.limits.sweep_every.min(Duration::from_secs(1));
+            self.sweep_if_older(now, every);
+        }
+    }
+}
+
+fn key_size(key: &ScopedKey) -> usize {
+    ENTRY_OVERHEAD + MARKER_RESERVE + key.key().as_str().len() + key.principal().map_or(0, str::len)
+}
+
+/// Adds `n` to `counter` unless that passes `max`.
+fn reserve(counter: &AtomicUsize, n: usize, max: usize) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |v| {
+            v.checked_add(n).filter(|total| *total <= max)
+        })
+        .is_ok()
+}
+
+fn whose(key: &ScopedKey) -> String {
+    match key.principal() {
+        None => "the global scope (requests without a principal)".to_owned(),
+        Some(p) => {
+            let shown: String = p.chars().take(64).collect();
+            format!("principal {shown:?}")
+        }
+    }
+}
+
+impl Inner {
+    /// Whether `entries` and `bytes` more would fit for `key`'s principal and in all (a read,
+    /// to decide whether to sweep first).
+    fn check(&self, key: &ScopedKey, bytes: usize) -> Result<(), ()> {
+        let l = &self.limits;
+        let principal = key.principal.clone();
+        let (pe, pb) = self
+            .usage
+            .get(&principal)
+            .map_or((0, 0), |u| (u.entries, u.bytes));
+        let fits = pe < l.max_entries_per_principal
+            && pb.saturating_add(bytes) <= l.max_bytes_per_principal
+            && self.entries.load(Ordering::Relaxed) < l.max_entries
+            && self.bytes.load(Ordering::Relaxed).saturating_add(bytes) <= l.max_bytes;
+        if fits { Ok(()) } else { Err(()) }
+    }
+
+    /// Counts `entries` and `bytes` more for `key`'s principal, exactly (under the
+    /// principal's row lock and with atomic reservations), or refuses naming the limit.
+    fn charge(&self, key: &ScopedKey, entries: usize, bytes: usize) -> Result<(), StoreError> {
+        let l = &self.limits;
+        let mut row = self.usage.entry(key.principal.clone()).or_default();
+        let refused = if row.entries.saturating_add(entries) > l.max_entries_per_principal {
+            Some(format!(
+                "{} holds {} idempotency keys, its share of this store",
+                whose(key),
+                row.entries
+            ))
+        } else if row.bytes.saturating_add(bytes) > l.max_bytes_per_principal {
+            Some(format!(
+                "{} holds {} of its {} bytes in this store",
+                whose(key),
+                row.bytes,
+                l.max_bytes_per_principal
+            ))
+        } else if !reserve(&self.entries, entries, l.max_entries) {
+            Some(format!(
+                "the store holds {} idempotency keys, its limit",
+                l.max_entries
+            ))
+        } else if !reserve(&self.bytes, bytes, l.max_bytes) {
+            self.entries.fetch_sub(entries, Ordering::AcqRel);
+            Some(format!("the store holds its {} bytes", l.max_bytes))
+        } else {
+            None
+        };
+        match refused {
+            None => {
+                row.entries += entries;
+                row.bytes += bytes;
+                Ok(())
+            }
+            Some(why) => {
+                let empty = row.entries == 0;
+                drop(row);
+                if empty {
+                    self.usage
+                        .remove_if(&key.principal, |_, u| u.entries == 0 && u.bytes == 0);
+                }
+                Err(StoreError::full(why))
+            }
+        }
+    }
+
+    fn refund(&self, key: &ScopedKey, entries: usize, bytes: usize) {
+        self.entries.fetch_sub(entries, Ordering::AcqRel);
+        self.bytes.fetch_sub(bytes, Ordering::AcqRel);
+        let empty = match self.usage.get_mut(&key.principal) {
+            Some(mut row) => {
+                row.entries = row.entries.saturating_sub(entries);
+                row.bytes = row.bytes.saturating_sub(bytes);
+                row.entries == 0
+            }
+            None => false,
+        };
+        if empty {
+            self.usage
+                .remove_if(&key.principal, |_, u| u.entries == 0 && u.bytes == 0);
+        }
+    }
+}
+
+impl IdempotencyStore for MemoryIdempotencyStore {
+    async fn begin(&self, key: &ScopedKey, claim: &Claim) -> Result<Begin, StoreError> {
+        let now = Instant::now();
+        let size = key_size(key);
+        self.make_room(key, size, now);
+        let inner = &self.inner;
+        let fresh = Entry::InFlight {
+            fingerprint: claim.fingerprint,
+            token: claim.token,
+            lease_until: now + claim.lease,
+            until: now + claim.keep.max(claim.lease),
+            size,
+        };
+        match inner.map.entry(key.clone()) {
+            MapEntry::Occupied(mut e) => {
+                let answer = match e.get_mut() {
+                    entry if entry.until() <= now => None,
+                    Entry::InFlight { fingerprint, .. } | Entry::Done { fingerprint, .. }
+                        if *fingerprint != claim.fingerprint =>
+                    {
+                        Some(Begin::Mismatch)
+                    }
+                    Entry::Done { stored, .. } => Some(Begin::Done(stored.clone())),
+                    Entry::InFlight { lease_until, .. } if *lease_until > now => {
+                        Some(Begin::InFlight)
+                    }
+                    Entry::InFlight {
+                        token,
+                        lease_until,
+                        until,
+                        ..
+                    } => Some(if claim.take_over {
+                        *token = claim.token;
+                        *lease_until = now + claim.lease;
+                        *until = (*until).max(now + claim.keep.max(claim.lease));
+                        Begin::Claimed
+                    } else {
+                        Begin::Abandoned
+                    }),
+                };
+                if let Some(answer) = answer {
+                    return Ok(answer);
+                }
+                // The record expired: it is gone, and the key is new again.
+                inner.refund(key, 1, e.get().size());
+                match inner.charge(key, 1, size) {
+                    Ok(()) => {
+                        e.insert(fresh);
+                        Ok(Begin::Claimed)
+                    }
+                    Err(full) => {
+                        e.remove();
+                        Err(full)
+                    }
+                }
+            }
+            MapEntry::Vacant(v) => {
+                inner.charge(key, 1, size)?;
+                v.insert(fresh);
+                Ok(Begin::Claimed)
+            }
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: &ScopedKey,
+        token: ClaimToken,
+        stored: Stored,
+        ttl: Duration,
+    ) -> Result<Ownership, StoreError> {
+        let now = Instant::now();
+        let inner = &self.inner;
+        let Some(mut entry) = inner.map.get_mut(key) else {
+            return Ok(Ownership::Lost);
+        };
+        match &*entry {
+            Entry::Done { token: t, .. } if *t == token => Ok(Ownership::Held),
+            Entry::InFlight {
+                token: t,
+                fingerprint,
+                size,
+                ..
+            } if *t == token => {
+                let (fingerprint, old) = (*fingerprint, *size);
+                let extra = stored.size().saturating_sub(MARKER_RESERVE);
+                inner.charge(key, 0, extra)?;
+                *entry = Entry::Done {
+                    fingerprint,
+                    token,
+                    stored,
+                    until: now + ttl,
+                    size: old + extra,
+                };
+                Ok(Ownership::Held)
+            }
+            _ => Ok(Ownership::Lost),
+        }
+    }
+
+    async fn renew(
+        &self,
+        key: &ScopedKey,
+        token: ClaimToken,
+        lease: Duration,
+    ) -> Result<Ownership, StoreError> {
+        let now = Instant::now();
+        let Some(mut entry) = self.inner.map.get_mut(key) else {
+            return Ok(Ownership::Lost);
+        };
+        match &mut *entry {
+            Entry::InFlight {
+                token: t,
+                lease_until,
+                until,
+                ..
+            } if *t == token && *until > now => {
+                *lease_until = now + lease;
+                *until = (*until).max(*lease_until);
+                Ok(Ownership::Held)
+            }
+            _ => Ok(Ownership::Lost),
+        }
+    }
+
+    async fn release(&self, key: &ScopedKey, token: ClaimToken) -> Result<Ownership, StoreError> {
+        let removed = self.inner.map.remove_if(
+            key,
+            |_, e| matches!(e, Entry::InFlight { token: t, .. } if *t == token),
+        );
+        match removed {
+            Some((key, entry)) => {
+                self.inner.refund(&key, 1, entry.size());
+                Ok(Ownership::Held)
+            }
+            None => Ok(Ownership::Lost),
+        }
+    }
+}
