@@ -28,6 +28,7 @@ use super::respond::{
 };
 use super::{Config, OversizedResponse, ReleaseKey};
 use crate::server::CatchUnwind;
+use crate::server::memory::MARKER_RESERVE;
 use crate::server::body::{BoxError, IdempotencyBody, Relayed};
 use crate::server::store::{
     Begin, Claim, ClaimToken, Fingerprint, IdempotencyStore, Ownership, ScopedKey, Stored,
@@ -221,6 +222,7 @@ impl<St: IdempotencyStore> Recorder<St> {
         let mut client = Some(tx);
         let mut recording = Some(BytesMut::new());
         let limit = self.config.max_response_body;
+        let exact = body.size_hint().exact();
         // Ends when the body does (or fails); each turn relays one frame.
         loop {
             let Some(frame) = or_timer(body.frame(), timer.as_mut(), recording.is_some()).await
@@ -260,19 +262,39 @@ impl<St: IdempotencyStore> Recorder<St> {
                     buf.extend_from_slice(data);
                 }
             }
+            // The last data frame goes out only once the result is written: a server that
+            // knows the length ends the response with it, and the client's next request with
+            // this key must find the result, not a claim in flight.
+            let last = body.is_end_stream()
+                || exact.is_some_and(|n| recording.as_ref().is_some_and(|b| b.len() as u64 >= n));
+            if let Some(buf) = recording.take_if(|_| last) {
+                let stored = self.stored(buf);
+                let pending = self.write(stored).await;
+                client = self.send(client, frame, timer.as_mut(), &mut None).await;
+                if let Some(stored) = pending {
+                    drop(client.take());
+                    self.write_until_done(stored).await;
+                }
+                self.keeper = None;
+                continue;
+            }
             client = self
                 .send(client, frame, timer.as_mut(), &mut recording)
                 .await;
         }
         if let Some(buf) = recording {
-            let stored = Stored {
-                status: self.status,
-                headers: std::mem::take(&mut self.headers),
-                body: buf.freeze(),
-            };
             // The client's body ends once the result is written (or the first write
             // failed), so its next request with this key finds it.
+            let stored = self.stored(buf);
             self.complete(stored, client).await;
+        }
+    }
+
+    fn stored(&mut self, body: BytesMut) -> Stored {
+        Stored {
+            status: self.status,
+            headers: std::mem::take(&mut self.headers),
+            body: body.freeze(),
         }
     }
 
@@ -328,45 +350,59 @@ impl<St: IdempotencyStore> Recorder<St> {
     }
 
     /// Writes the result under the claim; on a store failure, drops the client's relay (its
-    /// body ends) and writes again with backoff while the claim is kept, up to the TTL. A
-    /// result the store has no room for is replaced by the small "not replayable" marker,
-    /// for which every claim holds room.
-    async fn complete(&mut self, mut stored: Stored, client: Option<mpsc::Sender<Relayed>>) {
-        let mut client = client;
-        let give_up = Instant::now() + self.config.ttl;
-        let cap = (self.config.lease / 3).max(Duration::from_millis(100));
-        let mut wait = Duration::from_millis(50);
-        // Ends when written, lost, or at the TTL; each turn is one write.
+    /// body ends) and writes again with backoff while the claim is kept. Ends the claim.
+    async fn complete(&mut self, stored: Stored, client: Option<mpsc::Sender<Relayed>>) {
+        if let Some(stored) = self.write(stored).await {
+            drop(client);
+            self.write_until_done(stored).await;
+        }
+        self.keeper = None;
+    }
+
+    /// One write of the result; `Some(result)` if the store failed and it must be written
+    /// again. A result the store has no room for is replaced by the small "not replayable"
+    /// marker, for which every claim holds room.
+    async fn write(&mut self, mut stored: Stored) -> Option<Stored> {
+        // At most two turns: the marker always fits.
         loop {
             let ttl = self.config.ttl;
             match (self.store)
                 .complete(&self.key, self.token, stored.clone(), ttl)
                 .await
             {
-                Ok(Ownership::Held) => break,
+                Ok(Ownership::Held) => return None,
                 Ok(Ownership::Lost) => {
                     tracing::error!(key = %self.key.key(), "idempotency claim lost before its result was written (taken over by a recovery?); result not stored");
-                    break;
+                    return None;
                 }
-                Err(e) if e.is_full() && stored.size() > crate::server::memory::MARKER_RESERVE => {
+                Err(e) if e.is_full() && stored.size() > MARKER_RESERVE => {
                     let why = format!("the idempotency store had no room for it ({})", e.message());
                     tracing::warn!(key = %self.key.key(), error = %e, "result not stored; keeping a 'not replayable' marker");
                     stored = not_replayable(&why);
                 }
                 Err(e) => {
-                    client = None;
-                    if Instant::now() + wait > give_up {
-                        tracing::error!(key = %self.key.key(), error = %e, "could not store an idempotent response before its TTL; giving up");
-                        break;
-                    }
-                    tracing::warn!(key = %self.key.key(), error = %e, ?wait, "could not store an idempotent response; trying again (the claim is kept)");
-                    tokio::time::sleep(wait).await;
-                    wait = (wait * 2).min(cap);
+                    tracing::warn!(key = %self.key.key(), error = %e, "could not store an idempotent response; trying again (the claim is kept)");
+                    return Some(stored);
                 }
             }
         }
-        drop(client);
-        self.keeper = None;
+    }
+
+    /// Writes again with backoff (the lease keeper renews the claim meanwhile), up to the TTL.
+    async fn write_until_done(&mut self, mut stored: Stored) {
+        let give_up = Instant::now() + self.config.ttl;
+        let cap = (self.config.lease / 3).max(Duration::from_millis(100));
+        let mut wait = Duration::from_millis(50);
+        // Bounded by the TTL; each turn is one write.
+        while Instant::now() + wait <= give_up {
+            tokio::time::sleep(wait).await;
+            match self.write(stored).await {
+                None => return,
+                Some(again) => stored = again,
+            }
+            wait = (wait * 2).min(cap);
+        }
+        tracing::error!(key = %self.key.key(), "could not store an idempotent response before its TTL; giving up");
     }
 }
 
