@@ -28,8 +28,8 @@ use super::respond::{
 };
 use super::{Config, OversizedResponse, ReleaseKey};
 use crate::server::CatchUnwind;
-use crate::server::memory::MARKER_RESERVE;
 use crate::server::body::{BoxError, IdempotencyBody, Relayed};
+use crate::server::memory::MARKER_RESERVE;
 use crate::server::store::{
     Begin, Claim, ClaimToken, Fingerprint, IdempotencyStore, Ownership, ScopedKey, Stored,
 };
