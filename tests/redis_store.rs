@@ -1062,3 +1062,122 @@ async fn a_frozen_redis_is_a_timeout_not_a_hang_and_answers_resume() {
         })
     ));
 }
+
+// ---------------------------------------------------------------------------------------
+// The provider side with a frozen Redis: a started handler never runs again.
+
+fn freeze(server: &RedisServer, sig: &str) {
+    let pid = server.child.as_ref().expect("running").id().to_string();
+    let status = Command::new("kill")
+        .args([sig, &pid])
+        .status()
+        .expect("kill(1)");
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+fn slow_email_router(store: RedisStore, effects: Arc<AtomicU32>, work: Duration) -> Router {
+    let handler = move |body: String| {
+        let effects = effects.clone();
+        async move {
+            let n = effects.fetch_add(1, Ordering::SeqCst) + 1;
+            tokio::time::sleep(work).await;
+            (StatusCode::CREATED, format!("email {n}: {body}"))
+        }
+    };
+    let layer = IdempotencyLayer::builder()
+        .store(store)
+        .lease(Duration::from_millis(300))
+        .build()
+        .expect("valid settings");
+    Router::new().route("/emails", post(handler)).layer(layer)
+}
+
+async fn keyed(r: &Router, key: &str) -> Reply {
+    let req = Request::post("/emails")
+        .header("idempotency-key", key)
+        .body(axum::body::Body::from("hello"))
+        .expect("a request");
+    let res = r.clone().oneshot(req).await.expect("an answer");
+    let (parts, body) = res.into_parts();
+    Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.expect("a body").to_bytes(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_frozen_past_the_lease_never_reruns_a_started_handler() {
+    let server = RedisServer::start();
+    let store = server.store("frozen-lease:").timeout(Duration::from_millis(100));
+    let effects = Arc::new(AtomicU32::new(0));
+    let r = slow_email_router(store, effects.clone(), Duration::from_millis(1500));
+
+    let first = tokio::spawn({
+        let r = r.clone();
+        async move { keyed(&r, "k").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    freeze(&server, "-STOP");
+    // Frozen for 700 ms, more than twice the 300 ms lease: every renewal fails.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    freeze(&server, "-CONT");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let during = keyed(&r, "k").await;
+    let text = String::from_utf8_lossy(&during.body).into_owned();
+    assert!(
+        during.status == StatusCode::CONFLICT || text.contains("outcome-unknown"),
+        "{} {text}",
+        during.status
+    );
+    assert_eq!(effects.load(Ordering::SeqCst), 1);
+
+    let original = first.await.expect("the first call");
+    assert_eq!(original.status, StatusCode::CREATED);
+    let again = eventually(20, || {
+        let r = r.clone();
+        async move {
+            let reply = keyed(&r, "k").await;
+            if reply.status == StatusCode::CREATED {
+                Ok(reply)
+            } else {
+                Err(reply.status)
+            }
+        }
+    })
+    .await;
+    assert_eq!(again.headers[IDEMPOTENT_REPLAYED], "true");
+    assert_eq!(again.body, original.body);
+    assert_eq!(effects.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begin_timed_out_in_a_frozen_redis_does_not_lock_the_key() {
+    let server = RedisServer::start();
+    let store = server.store("frozen-begin:").timeout(Duration::from_millis(100));
+    let effects = Arc::new(AtomicU32::new(0));
+    let r = slow_email_router(store, effects.clone(), Duration::ZERO);
+
+    freeze(&server, "-STOP");
+    let refused = keyed(&r, "k").await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(effects.load(Ordering::SeqCst), 0);
+    // The claim script queued in the frozen Redis runs when it wakes; the layer's release by
+    // token runs right after it, so the retry is not locked out for a lease.
+    freeze(&server, "-CONT");
+    let reply = eventually(20, || {
+        let r = r.clone();
+        async move {
+            let reply = keyed(&r, "k").await;
+            if reply.status == StatusCode::SERVICE_UNAVAILABLE {
+                Err(reply.status)
+            } else {
+                Ok(reply)
+            }
+        }
+    })
+    .await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
+    assert!(reply.headers.get(IDEMPOTENT_REPLAYED).is_none());
+    assert_eq!(effects.load(Ordering::SeqCst), 1);
+}
