@@ -1109,7 +1109,9 @@ async fn keyed(r: &Router, key: &str) -> Reply {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_frozen_past_the_lease_never_reruns_a_started_handler() {
     let server = RedisServer::start();
-    let store = server.store("frozen-lease:").timeout(Duration::from_millis(100));
+    let store = server
+        .store("frozen-lease:")
+        .timeout(Duration::from_millis(100));
     let effects = Arc::new(AtomicU32::new(0));
     let r = slow_email_router(store, effects.clone(), Duration::from_millis(1500));
 
@@ -1154,7 +1156,9 @@ async fn a_redis_frozen_past_the_lease_never_reruns_a_started_handler() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_begin_timed_out_in_a_frozen_redis_does_not_lock_the_key() {
     let server = RedisServer::start();
-    let store = server.store("frozen-begin:").timeout(Duration::from_millis(100));
+    let store = server
+        .store("frozen-begin:")
+        .timeout(Duration::from_millis(100));
     let effects = Arc::new(AtomicU32::new(0));
     let r = slow_email_router(store, effects.clone(), Duration::ZERO);
 

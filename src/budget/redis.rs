@@ -21,7 +21,7 @@
 //! |---|---|---|
 //! | `<prefix>b:c:<scope>:<id>` ([`Limit::Count`]) | the count, decimal | `ttl` after the last granted draw |
 //! | `<prefix>b:r:<scope>:<id>` ([`Limit::Rate`]) | GCRA's theoretical arrival time, µs of Redis time | when the bucket is full again |
-//! | `<prefix>i:<scoped key>` (idempotency) | `F` + fingerprint (16 bytes, big endian) while in flight; `D` + fingerprint + the response once done | the lease; then the result's TTL |
+//! | `<prefix>i:<scoped key>` (idempotency) | a hash: `s` state (`F` in flight, `D` done), `f` fingerprint and `t` claim token (16 bytes each, big endian), `l` lease end (ms, Redis clock) while in flight, `r` the response once done | the claim's record (the TTL, so an abandoned claim answers "outcome unknown" and is never simply claimed again); then the result's TTL |
 //!
 //! A finished response is encoded as: a version byte (`1`), the status (`u16`), the header
 //! count (`u32`), each header as name length (`u16`), name, value length (`u32`), value;
@@ -42,11 +42,12 @@
 //!
 //! A call that timed out may still run in Redis when its bytes arrive (Redis was slow, not
 //! gone): a budget draw is then spent though the retry did not happen, which errs on the side
-//! of fewer retries, never more.
+//! of fewer retries, never more. An idempotency `begin` that timed out is released again by
+//! its claim token (the release queues behind it on the same connection), so it never locks
+//! a key that nobody holds; `renew`, `complete` and `release` act only under their own token.
 //!
-//! The trait's `complete` carries no claim token, so "our claim" means "the key is still in
-//! flight": a claimant whose lease ran out (no renewal for a whole lease) and whose key was
-//! claimed again completes the newer claim, as with the memory store.
+//! Configure Redis with `maxmemory-policy noeviction` (or no `maxmemory`): an evicted
+//! idempotency key would let a retry run its request again.
 //!
 //! Requires Redis 5 or later (scripts that call `TIME` and then write).
 

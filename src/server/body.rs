@@ -117,7 +117,7 @@ where
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
             Kind::Stream { body } => body.size_hint(),
-            Kind::Relayed { hint, .. } => hint.clone(),
+            Kind::Relayed { hint, .. } => *hint,
         }
     }
 }

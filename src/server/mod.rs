@@ -10,22 +10,39 @@
 //!   |---|---|
 //!   | `POST`/`PATCH` (configurable) without a key | 400 |
 //!   | malformed key | 400 |
+//!   | keyed, principal required but unreadable | 401 |
 //!   | keyed body over the limit (1 MiB) | 413 |
-//!   | first with a key | runs; its response is stored (24 h) |
+//!   | first with a key | runs; its response is relayed as produced and stored (24 h) |
 //!   | repeat, first finished | the stored response, same status, headers and body, plus `Idempotent-Replayed: true` |
 //!   | repeat, first still running | 409 with `Retry-After: 1` |
+//!   | repeat, first abandoned (its lease ran out without a result) | not run: 500 "outcome unknown", replayed ([`UnknownOutcome`]) |
 //!   | same key, other method, path or body | 422 |
 //!   | the store fails | 503 (a side effect never runs without deduplication) |
+//!   | the store is full (for everyone, or for this principal) | 503 saying so, `Retry-After: 30` |
 //!
-//!   Keys are scoped by a principal read from the request ([`IdempotencyLayer::principal`]),
-//!   so one user's key never replays another's response. The handler runs in a task of its
-//!   own: a client that hangs up mid-request does not cancel it, and its result is stored for
-//!   the retry (the incident this crate exists for). A handler that panics releases its key;
-//!   a process that dies leaves a claim that expires with its lease.
-//!   5xx responses are stored and replayed by default, as Stripe does once execution began
-//!   ([`IdempotencyLayer::store_server_errors`], [`ReleaseKey`]); a response too large to
-//!   store is answered once and leaves a marker that replays 500, so the request never runs
-//!   twice ([`OversizedResponse`]).
+//!   **The promise.** Once a handler started for a key, the layer never starts it again for
+//!   that key because the store stalled, a write failed or a call timed out. Claims carry a
+//!   token (fencing): renew, complete and release act on their own claim only. A result that
+//!   could not be written is written again with backoff while the claim is kept; a `begin`
+//!   that timed out is released again by its token, so retries are not locked out by a claim
+//!   nobody holds. A claim whose lease ran out is *abandoned*, not free: its outcome is
+//!   unknown, and re-running it is the user's explicit choice ([`UnknownOutcome`]).
+//!
+//!   **The fault model**: a store that stalls, fails a write, times out or dies; a handler
+//!   that panics, fails or streams forever; a client that hangs up; hostile keys, bodies and
+//!   principals. **Defaults**: 429, 503 and 529 release the key (nothing was processed, so
+//!   the client's retry gets a fresh attempt), other 5xx are stored (Stripe: execution
+//!   began); claims leased 60 s, renewed for at most 10 min; responses stored up to 1 MiB,
+//!   larger ones leave a "completed, not replayable" marker; the memory store holds at most
+//!   100 000 keys and 256 MiB, and 25 000 keys and 64 MiB per principal.
+//!
+//!   Keys are scoped by a principal read from the request ([`IdempotencyLayerBuilder::principal`]),
+//!   so one user's key never replays another's response; [`IdempotencyLayerBuilder::principal_required`]
+//!   refuses keyed requests without one. The handler runs in a task of its own: a client that
+//!   hangs up mid-request does not cancel it, and its result is stored for the retry (the
+//!   incident this crate exists for). Its response is relayed frame by frame as it is
+//!   produced (a streamed LLM answer reaches the client at once) while it is recorded. A
+//!   handler that panics or fails releases its key.
 //! - [`DedupeLayer`] / [`Dedupe`] — the same guarantee for any `tower::Service` (tool
 //!   executors): concurrent duplicates wait for the first call and share its result; later
 //!   ones get the kept result.
