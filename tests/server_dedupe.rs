@@ -203,3 +203,43 @@ async fn key_cap_refuses_instead_of_running_undeduplicated() {
     );
     assert_eq!(tool.runs(), 1);
 }
+
+#[tokio::test]
+async fn one_scope_filling_its_share_does_not_lock_out_another() {
+    let tool = Tool::new(true);
+    let t = tool.clone();
+    // The scope is the input's prefix before '/': "hog/1", "alice/1".
+    let scoped = layer()
+        .scope(|call: &ToolCall| call.input.split('/').next().map(str::to_owned))
+        .max_keys_per_scope(2);
+    let svc = scoped.layer(service_fn(move |call: ToolCall| {
+        let t = t.clone();
+        async move {
+            let n = t.runs.fetch_add(1, Ordering::SeqCst) + 1;
+            Ok::<_, String>(format!("run {n}: {}", call.input))
+        }
+    }));
+    for (key, input) in [("k1", "hog/1"), ("k2", "hog/2")] {
+        svc.clone().oneshot(keyed(key, input)).await.unwrap();
+    }
+    let refused = svc.clone().oneshot(keyed("k3", "hog/3")).await.unwrap_err();
+    assert_eq!(
+        refused,
+        DedupeError::ScopeFull {
+            scope: Some("hog".to_owned()),
+            max: 2
+        }
+    );
+    assert!(refused.to_string().contains("\"hog\""), "{refused}");
+    // Another scope still runs, and the same key in another scope is another call.
+    assert_eq!(
+        svc.clone().oneshot(keyed("k1", "alice/1")).await.unwrap(),
+        "run 3: alice/1"
+    );
+    // The hog's own duplicates are still answered from its kept results.
+    assert_eq!(
+        svc.clone().oneshot(keyed("k1", "hog/1")).await.unwrap(),
+        "run 1: hog/1"
+    );
+    assert_eq!(tool.runs(), 3);
+}

@@ -768,3 +768,87 @@ async fn thousand_requests() {
         effects.len()
     );
 }
+
+/// Time to first byte of a keyed SSE response over real HTTP, with and without the layer
+/// (printed, not asserted: the behaviour asserted is that the first token arrives while the
+/// handler is still producing the rest).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_sse_stream_over_http_reaches_the_client_as_it_is_produced() {
+    async fn serve(app: Router) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+    let every = Duration::from_millis(5);
+    let effects = Arc::new(AtomicU32::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let bare = Router::new().merge(sse_router_bare(effects.clone(), every, done.clone()));
+    let guarded = sse_router(
+        IdempotencyLayer::memory(),
+        effects.clone(),
+        50,
+        every,
+        done.clone(),
+        false,
+    );
+    let (bare, guarded) = (serve(bare).await, serve(guarded).await);
+    let http: hyper_util::client::legacy::Client<_, http_body_util::Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build_http();
+    let mut times = [Vec::new(), Vec::new()];
+    for round in 0..5 {
+        for (i, addr) in [bare, guarded].into_iter().enumerate() {
+            done.store(false, Ordering::SeqCst);
+            let req = Request::post(format!("http://{addr}/chat"))
+                .header("idempotency-key", format!("\"ttfb-{round}\""))
+                .body(http_body_util::Full::new(Bytes::from_static(b"{}")))
+                .unwrap();
+            let start = std::time::Instant::now();
+            let res = http.request(req).await.unwrap();
+            let mut body = res.into_body();
+            let first = body.frame().await.unwrap().unwrap();
+            times[i].push(start.elapsed());
+            assert!(first.is_data());
+            assert!(!done.load(Ordering::SeqCst), "the stream was buffered");
+            while body.frame().await.is_some() {}
+        }
+    }
+    for t in &mut times {
+        t.sort();
+    }
+    println!(
+        "keyed SSE, time to first byte over HTTP (median of 5): bare {:?}, through IdempotencyLayer {:?}",
+        times[0][2], times[1][2]
+    );
+}
+
+fn sse_router_bare(effects: Arc<AtomicU32>, every: Duration, done: Arc<AtomicBool>) -> Router {
+    let handler = move || {
+        let (effects, done) = (effects.clone(), done.clone());
+        async move {
+            effects.fetch_add(1, Ordering::SeqCst);
+            let (tx, rx) = tokio::sync::mpsc::channel(4);
+            tokio::spawn(async move {
+                for i in 0..50 {
+                    tokio::time::sleep(every).await;
+                    if i + 1 == 50 {
+                        done.store(true, Ordering::SeqCst);
+                    }
+                    if tx
+                        .send(Bytes::from(format!("data: token {i}\n\n")))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+            Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(Body::new(ChannelBody(rx)))
+                .unwrap()
+        }
+    };
+    Router::new().route("/chat", post(handler))
+}

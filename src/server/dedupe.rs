@@ -34,6 +34,34 @@ where
     }
 }
 
+/// Reads the scope of a request (a user, a tenant, a task): each scope holds at most its
+/// share of the layer's keys, and a key deduplicates only within its scope. Implemented by
+/// closures `Fn(&Req) -> Option<String>`; [`NoScope`] (the default) puts every request in
+/// one scope.
+pub trait ScopeFn<Req> {
+    /// The request's scope; `None`: the shared scope.
+    fn scope(&self, req: &Req) -> Option<String>;
+}
+
+impl<Req, F> ScopeFn<Req> for F
+where
+    F: Fn(&Req) -> Option<String>,
+{
+    fn scope(&self, req: &Req) -> Option<String> {
+        self(req)
+    }
+}
+
+/// No scopes: every request is in the shared scope (the default of [`DedupeLayer`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoScope;
+
+impl<Req> ScopeFn<Req> for NoScope {
+    fn scope(&self, _: &Req) -> Option<String> {
+        None
+    }
+}
+
 /// Why [`Dedupe`] gives no response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
@@ -45,6 +73,14 @@ pub enum DedupeError<E> {
     Aborted,
     /// The layer tracks as many keys as it may; the call was not run.
     Full,
+    /// The request's scope holds its share of the keys
+    /// ([`DedupeLayer::max_keys_per_scope`]); the call was not run. Other scopes still run.
+    ScopeFull {
+        /// The scope (`None`: the shared scope).
+        scope: Option<String>,
+        /// Its share.
+        max: usize,
+    },
 }
 
 impl<E> DedupeError<E> {
@@ -63,6 +99,16 @@ impl<E: fmt::Display> fmt::Display for DedupeError<E> {
             DedupeError::Inner(e) => e.fmt(f),
             DedupeError::Aborted => f.write_str("the deduplicated call did not finish"),
             DedupeError::Full => f.write_str("too many deduplicated keys; the call was not run"),
+            DedupeError::ScopeFull { scope, max } => match scope {
+                Some(scope) => write!(
+                    f,
+                    "the scope {scope:?} holds its share of {max} deduplicated keys; the call was not run"
+                ),
+                None => write!(
+                    f,
+                    "the shared scope holds its share of {max} deduplicated keys; the call was not run"
+                ),
+            },
         }
     }
 }
@@ -94,8 +140,14 @@ enum Slot {
     },
 }
 
+/// A key within its scope.
+type ScopedId = (Option<Arc<str>>, IdempotencyKey);
+
 struct State {
-    map: DashMap<IdempotencyKey, Slot>,
+    map: DashMap<ScopedId, Slot>,
+    /// Keys held per scope; a row exists only while its scope holds a key. Locked after a
+    /// `map` shard, never before.
+    per_scope: DashMap<Option<Arc<str>>, usize>,
     next_id: AtomicU64,
     epoch: Instant,
     last_sweep: AtomicU64,
@@ -111,19 +163,51 @@ impl State {
                 .compare_exchange(last, ms, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            self.map.retain(|_, slot| match slot {
-                Slot::Running { .. } => true,
-                Slot::Done { until, .. } => *until > now,
+            self.map.retain(|(scope, _), slot| {
+                let keep = match slot {
+                    Slot::Running { .. } => true,
+                    Slot::Done { until, .. } => *until > now,
+                };
+                if !keep {
+                    self.uncount(scope);
+                }
+                keep
             });
         }
     }
 
     /// Drops the running slot `id` for `key` (not a newer one).
-    fn forget(&self, key: &IdempotencyKey, id: u64) {
-        self.map.remove_if(
+    fn forget(&self, key: &ScopedId, id: u64) {
+        let removed = self.map.remove_if(
             key,
             |_, slot| matches!(slot, Slot::Running { id: i, .. } if *i == id),
         );
+        if removed.is_some() {
+            self.uncount(&key.0);
+        }
+    }
+
+    /// Counts a new key for `scope`, unless the scope holds its share.
+    fn count(&self, scope: &Option<Arc<str>>, max: usize) -> bool {
+        let mut held = self.per_scope.entry(scope.clone()).or_insert(0);
+        if *held >= max {
+            return false;
+        }
+        *held += 1;
+        true
+    }
+
+    fn uncount(&self, scope: &Option<Arc<str>>) {
+        let empty = match self.per_scope.get_mut(scope) {
+            Some(mut held) => {
+                *held = held.saturating_sub(1);
+                *held == 0
+            }
+            None => false,
+        };
+        if empty {
+            self.per_scope.remove_if(scope, |_, held| *held == 0);
+        }
     }
 }
 
@@ -132,6 +216,7 @@ struct Config {
     ttl: Duration,
     cache_errors: bool,
     max_keys: usize,
+    max_keys_per_scope: usize,
     sweep_every: Duration,
 }
 
@@ -147,12 +232,14 @@ struct Config {
 ///
 /// Defaults: results kept 24 h; errors shared only with concurrent duplicates, not kept
 /// ([`DedupeLayer::cache_errors`]); at most 100 000 keys (more: [`DedupeError::Full`], the
-/// call is not run); expired results swept every 60 s. Keys are compared as they are: scope
-/// them (by user, by task) when you make them. State lives in memory and is shared by the
+/// call is not run), 25 000 per scope ([`DedupeLayer::scope`]: a key deduplicates only within
+/// its scope, and one scope cannot take another's room; more: [`DedupeError::ScopeFull`]);
+/// expired results swept every 60 s. State lives in memory and is shared by the
 /// clones of one [`Dedupe`] (each [`Layer::layer`] call makes a new one).
 #[derive(Debug, Clone)]
-pub struct DedupeLayer<K> {
+pub struct DedupeLayer<K, P = NoScope> {
     key: K,
+    scope: P,
     config: Config,
 }
 
@@ -161,13 +248,36 @@ impl<K> DedupeLayer<K> {
     pub fn new(key: K) -> Self {
         DedupeLayer {
             key,
+            scope: NoScope,
             config: Config {
                 ttl: Duration::from_secs(24 * 60 * 60),
                 cache_errors: false,
                 max_keys: 100_000,
+                max_keys_per_scope: 25_000,
                 sweep_every: Duration::from_secs(60),
             },
         }
+    }
+}
+
+impl<K, P> DedupeLayer<K, P> {
+    /// Scopes keys by `scope` read from each request (a user, a tenant, a task): a key
+    /// deduplicates only within its scope, and each scope holds at most
+    /// [`max_keys_per_scope`](Self::max_keys_per_scope) keys, so one cannot take another's
+    /// room.
+    pub fn scope<P2>(self, scope: P2) -> DedupeLayer<K, P2> {
+        DedupeLayer {
+            key: self.key,
+            scope,
+            config: self.config,
+        }
+    }
+
+    /// The most keys one scope holds at once (default 25 000; the shared scope counts as
+    /// one). A new key beyond it is [`DedupeError::ScopeFull`], the call not run.
+    pub fn max_keys_per_scope(mut self, max: usize) -> Self {
+        self.config.max_keys_per_scope = max;
+        self
     }
 
     /// How long a finished result is kept (default 24 h).
@@ -196,16 +306,18 @@ impl<K> DedupeLayer<K> {
     }
 }
 
-impl<S, K: Clone> Layer<S> for DedupeLayer<K> {
-    type Service = Dedupe<S, K>;
+impl<S, K: Clone, P: Clone> Layer<S> for DedupeLayer<K, P> {
+    type Service = Dedupe<S, K, P>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Dedupe {
             inner,
             key: self.key.clone(),
+            scope: self.scope.clone(),
             config: self.config,
             state: Arc::new(State {
                 map: DashMap::new(),
+                per_scope: DashMap::new(),
                 next_id: AtomicU64::new(0),
                 epoch: Instant::now(),
                 last_sweep: AtomicU64::new(0),
@@ -216,14 +328,15 @@ impl<S, K: Clone> Layer<S> for DedupeLayer<K> {
 
 /// The service made by [`DedupeLayer`]. Clones share their keys.
 #[derive(Clone)]
-pub struct Dedupe<S, K> {
+pub struct Dedupe<S, K, P = NoScope> {
     inner: S,
     key: K,
+    scope: P,
     config: Config,
     state: Arc<State>,
 }
 
-impl<S: fmt::Debug, K> fmt::Debug for Dedupe<S, K> {
+impl<S: fmt::Debug, K, P> fmt::Debug for Dedupe<S, K, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Dedupe")
             .field("inner", &self.inner)
@@ -233,7 +346,7 @@ impl<S: fmt::Debug, K> fmt::Debug for Dedupe<S, K> {
     }
 }
 
-impl<S, K> Dedupe<S, K> {
+impl<S, K, P> Dedupe<S, K, P> {
     /// Keys tracked now (running or kept), expired ones not yet swept included.
     pub fn tracked_keys(&self) -> usize {
         self.state.map.len()
@@ -268,12 +381,13 @@ enum Action {
         watch::Receiver<Option<Shared>>,
     ),
     Full,
+    ScopeFull(Option<Arc<str>>),
 }
 
 /// Removes a running slot unless disarmed: the call panicked or its task was dropped.
 struct Guard {
     state: Arc<State>,
-    key: IdempotencyKey,
+    key: ScopedId,
     id: u64,
     armed: bool,
 }
@@ -286,8 +400,9 @@ impl Drop for Guard {
     }
 }
 
-impl<S, K, Req> Service<Req> for Dedupe<S, K>
+impl<S, K, P, Req> Service<Req> for Dedupe<S, K, P>
 where
+    P: ScopeFn<Req>,
     S: Service<Req> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Response: Clone + Send + Sync + 'static,
@@ -310,6 +425,8 @@ where
                 inner: Box::pin(async move { fut.await.map_err(DedupeError::Inner) }),
             };
         };
+        let scope: Option<Arc<str>> = self.scope.scope(&req).map(Arc::from);
+        let key: ScopedId = (scope, key);
         let state = &self.state;
         let now = Instant::now();
         state.maybe_sweep(now, self.config.sweep_every);
@@ -340,6 +457,9 @@ where
                 }
             },
             MapEntry::Vacant(_) if full => Action::Full,
+            MapEntry::Vacant(v) if !state.count(&v.key().0, self.config.max_keys_per_scope) => {
+                Action::ScopeFull(v.key().0.clone())
+            }
             MapEntry::Vacant(v) => {
                 let (id, tx, rx) = lead();
                 v.insert(Slot::Running {
@@ -352,18 +472,26 @@ where
 
         let inner = match action {
             Action::Full => {
-                tracing::warn!(%key, "dedupe: too many keys tracked; call not run");
+                tracing::warn!(key = %key.1, "dedupe: too many keys tracked; call not run");
                 return DedupeFuture {
                     inner: Box::pin(async { Err(DedupeError::Full) }),
                 };
             }
+            Action::ScopeFull(scope) => {
+                let max = self.config.max_keys_per_scope;
+                tracing::warn!(key = %key.1, scope = scope.as_deref(), max, "dedupe: the scope holds its share of keys; call not run");
+                let scope = scope.map(|s| s.to_string());
+                return DedupeFuture {
+                    inner: Box::pin(async move { Err(DedupeError::ScopeFull { scope, max }) }),
+                };
+            }
             Action::Ready(shared) => {
-                tracing::debug!(%key, "dedupe: replaying a kept result");
+                tracing::debug!(key = %key.1, "dedupe: replaying a kept result");
                 Box::pin(async move { unshare::<S::Response, S::Error>(Some(shared)) })
                     as Pin<Box<dyn Future<Output = _> + Send>>
             }
             Action::Wait(rx) => {
-                tracing::debug!(%key, "dedupe: waiting for the running call");
+                tracing::debug!(key = %key.1, "dedupe: waiting for the running call");
                 Box::pin(wait::<S::Response, S::Error>(rx))
             }
             Action::Lead(id, tx, rx) => {
@@ -380,7 +508,7 @@ where
                     let mut guard = guard;
                     let Ok(result) = CatchUnwind::new(async move { inner.call(req).await }).await
                     else {
-                        tracing::warn!(key = %guard.key, "dedupe: the call panicked; key released");
+                        tracing::warn!(key = %guard.key.1, "dedupe: the call panicked; key released");
                         return; // the guard frees the key; `tx` dropped: waiters see Aborted
                     };
                     let keep = result.is_ok() || config.cache_errors;

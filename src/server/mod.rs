@@ -93,7 +93,7 @@ mod store;
 
 pub use self::body::{BoxError, IdempotencyBody};
 pub use self::config::ConfigError;
-pub use self::dedupe::{Dedupe, DedupeError, DedupeFuture, DedupeLayer, KeyFn};
+pub use self::dedupe::{Dedupe, DedupeError, DedupeFuture, DedupeLayer, KeyFn, NoScope, ScopeFn};
 pub use self::idempotency::{
     IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Idempotency, IdempotencyLayer, IdempotencyLayerBuilder,
     OversizedResponse, ReleaseKey, ResponseFuture, UnknownOutcome,
