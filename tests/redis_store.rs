@@ -31,7 +31,7 @@ use tower_retry_guard::budget::{
 };
 use tower_retry_guard::server::{
     Begin, Claim, ClaimToken, Fingerprint, IDEMPOTENT_REPLAYED, IdempotencyLayer, IdempotencyStore,
-    MemoryIdempotencyStore, ScopedKey, Stored,
+    MemoryIdempotencyStore, Ownership, ScopedKey, Stored,
 };
 use tower_retry_guard::{
     Backoff, CallOutcome, IdempotencyKey, Jitter, RedisStore, RetryInfo, RetryLayer, RetryPolicy,
@@ -1184,4 +1184,53 @@ async fn a_begin_timed_out_in_a_frozen_redis_does_not_lock_the_key() {
     assert_eq!(reply.status, StatusCode::CREATED, "{:?}", reply.body);
     assert!(reply.headers.get(IDEMPOTENT_REPLAYED).is_none());
     assert_eq!(effects.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_principal_cannot_fill_redis_for_the_others() {
+    let server = RedisServer::start();
+    let store = server.store("share:").max_keys_per_principal(3);
+    let fp = Fingerprint::from_u128(9);
+    let mut hog = Vec::new();
+    for i in 0..3 {
+        let c = claim(fp, HOUR);
+        let k = key(Some("hog"), &format!("k{i}"));
+        assert_eq!(store.begin(&k, &c).await, Ok(Begin::Claimed));
+        hog.push((k, c));
+    }
+    let refused = store
+        .begin(&key(Some("hog"), "k3"), &claim(fp, HOUR))
+        .await
+        .expect_err("over its share");
+    assert!(
+        refused.is_full() && refused.to_string().contains("\"hog\""),
+        "{refused}"
+    );
+    // Others are not affected; a replay of the hog's own keys still answers.
+    assert_eq!(
+        store
+            .begin(&key(Some("alice"), "k0"), &claim(fp, HOUR))
+            .await,
+        Ok(Begin::Claimed)
+    );
+    assert_eq!(
+        store.begin(&key(None, "k0"), &claim(fp, HOUR)).await,
+        Ok(Begin::Claimed)
+    );
+    let (k0, c0) = &hog[0];
+    assert_eq!(
+        store.complete(k0, c0.token, response(1), HOUR).await,
+        Ok(Ownership::Held)
+    );
+    assert!(matches!(
+        store.begin(k0, &claim(fp, HOUR)).await,
+        Ok(Begin::Done(_))
+    ));
+    // A released key frees its place in the share.
+    let (k1, c1) = &hog[1];
+    assert_eq!(store.release(k1, c1.token).await, Ok(Ownership::Held));
+    assert_eq!(
+        store.begin(&key(Some("hog"), "k3"), &claim(fp, HOUR)).await,
+        Ok(Begin::Claimed)
+    );
 }

@@ -22,6 +22,7 @@
 //! | `<prefix>b:c:<scope>:<id>` ([`Limit::Count`]) | the count, decimal | `ttl` after the last granted draw |
 //! | `<prefix>b:r:<scope>:<id>` ([`Limit::Rate`]) | GCRA's theoretical arrival time, µs of Redis time | when the bucket is full again |
 //! | `<prefix>i:<scoped key>` (idempotency) | a hash: `s` state (`F` in flight, `D` done), `f` fingerprint and `t` claim token (16 bytes each, big endian), `l` lease end (ms, Redis clock) while in flight, `r` the response once done | the claim's record (the TTL, so an abandoned claim answers "outcome unknown" and is never simply claimed again); then the result's TTL |
+//! | `<prefix>ip:<principal>` (`g`, or `p:<length>:<principal>`) | a sorted set of the principal's idempotency keys, scored by their expiry (ms): its share ([`RedisStore::max_keys_per_principal`]) | with its longest-lived key |
 //!
 //! A finished response is encoded as: a version byte (`1`), the status (`u16`), the header
 //! count (`u32`), each header as name length (`u16`), name, value length (`u32`), value;
@@ -152,11 +153,21 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 /// end in ms, `r` response) for fingerprint `ARGV[1]` and token `ARGV[2]`, leased `ARGV[3]`
 /// ms, the record kept `ARGV[4]` ms; `ARGV[5]` = `1` takes over an abandoned claim.
 ///
+/// A new key is counted in the principal's sorted set `KEYS[2]` (member: the key, score: its
+/// expiry) unless it holds `ARGV[6]` live keys already (`0`: no limit).
+///
 /// Answers `{0}` claimed, `{1}` in flight, `{2, response}` done, `{3}` mismatch, `{4}`
-/// malformed entry, `{5}` abandoned.
+/// malformed entry, `{5}` abandoned, `{6}` the principal holds its share.
 const BEGIN_LUA: &str = r#"
 local v = redis.call('HMGET', KEYS[1], 's', 'f', 'l')
 if not v[1] then
+  local share = tonumber(ARGV[6])
+  if share > 0 then
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+    if redis.call('ZCARD', KEYS[2]) >= share then return {6} end
+    redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), KEYS[1])
+    if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
+  end
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[1], 's', 'F', 'f', ARGV[1], 't', ARGV[2], 'l', now + tonumber(ARGV[3]))
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
@@ -185,6 +196,12 @@ if v[1] ~= 'F' then return -1 end
 redis.call('HSET', KEYS[1], 's', 'D', 'r', ARGV[2])
 redis.call('HDEL', KEYS[1], 'l')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if redis.call('ZSCORE', KEYS[2], KEYS[1]) then
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), KEYS[1])
+  if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
+end
 return 1
 "#;
 
@@ -203,6 +220,7 @@ const RELEASE_LUA: &str = r#"
 local v = redis.call('HMGET', KEYS[1], 's', 't')
 if v[1] ~= 'F' or v[2] ~= ARGV[1] then return 0 end
 redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], KEYS[1])
 return 1
 "#;
 
@@ -243,13 +261,18 @@ pub struct RedisStore {
     manager: ConnectionManager,
     prefix: Arc<str>,
     timeout: Duration,
+    max_keys_per_principal: u64,
 }
+
+/// The default share of idempotency keys one principal may hold in Redis.
+pub const DEFAULT_MAX_KEYS_PER_PRINCIPAL: u64 = 25_000;
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("max_keys_per_principal", &self.max_keys_per_principal)
             .finish_non_exhaustive()
     }
 }
@@ -291,7 +314,18 @@ impl RedisStore {
             manager,
             prefix: Arc::from(DEFAULT_PREFIX),
             timeout: DEFAULT_TIMEOUT,
+            max_keys_per_principal: DEFAULT_MAX_KEYS_PER_PRINCIPAL,
         }
+    }
+
+    /// The most idempotency keys (claims and results) one principal may hold (default
+    /// 25 000; the global scope counts as one principal; `0`: no limit). A new key beyond it
+    /// is refused with [`StoreError::full`] naming the principal, so one tenant cannot fill
+    /// Redis for the others. Responses are at most the layer's `max_response_body` each, so
+    /// this also bounds a principal's bytes; size Redis's `maxmemory` for it.
+    pub fn max_keys_per_principal(mut self, max: u64) -> Self {
+        self.max_keys_per_principal = max;
+        self
     }
 
     /// The prefix of every key this store writes (default `trg:`). Stores that should share
@@ -366,6 +400,14 @@ impl RedisStore {
         format!("{}i:{}", self.prefix, key.storage_key())
     }
 
+    /// The sorted set of the keys `key`'s principal holds.
+    fn principal_keys(&self, key: &ScopedKey) -> String {
+        match key.principal() {
+            None => format!("{}ip:g", self.prefix),
+            Some(p) => format!("{}ip:p:{}:{p}", self.prefix, p.len()),
+        }
+    }
+
     /// Runs one idempotency script that answers an integer.
     async fn int_script(
         &self,
@@ -375,7 +417,9 @@ impl RedisStore {
         args: &[&[u8]],
     ) -> Result<i64, StoreError> {
         let mut invocation = script.prepare_invoke();
-        invocation.key(self.idempotency_key(key));
+        invocation
+            .key(self.idempotency_key(key))
+            .key(self.principal_keys(key));
         for a in args {
             invocation.arg(*a);
         }
@@ -479,11 +523,13 @@ impl IdempotencyStore for RedisStore {
         let mut invocation = BEGIN.prepare_invoke();
         invocation
             .key(self.idempotency_key(key))
+            .key(self.principal_keys(key))
             .arg(&claim.fingerprint.as_u128().to_be_bytes()[..])
             .arg(&claim.token.as_u128().to_be_bytes()[..])
             .arg(millis(claim.lease))
             .arg(millis(claim.keep.max(claim.lease)))
-            .arg(if claim.take_over { "1" } else { "0" });
+            .arg(if claim.take_over { "1" } else { "0" })
+            .arg(self.max_keys_per_principal);
         let mut conn = self.manager.clone();
         let value: Value = self
             .bounded("idempotency begin", invocation.invoke_async(&mut conn))
@@ -499,6 +545,17 @@ impl IdempotencyStore for RedisStore {
             [Value::Int(3)] => Ok(Begin::Mismatch),
             [Value::Int(4)] => Err(bad("malformed entry in Redis")),
             [Value::Int(5)] => Ok(Begin::Abandoned),
+            [Value::Int(6)] => Err(StoreError::full(match key.principal() {
+                Some(p) => format!(
+                    "principal {:?} holds {} idempotency keys in Redis, its share",
+                    p.chars().take(64).collect::<String>(),
+                    self.max_keys_per_principal
+                ),
+                None => format!(
+                    "the global scope (requests without a principal) holds {} idempotency keys in Redis, its share",
+                    self.max_keys_per_principal
+                ),
+            })),
             _ => Err(bad("unexpected answer")),
         }
     }
