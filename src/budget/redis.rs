@@ -265,7 +265,7 @@ pub struct RedisStore {
 }
 
 /// The default share of idempotency keys one principal may hold in Redis.
-pub const DEFAULT_MAX_KEYS_PER_PRINCIPAL: u64 = 25_000;
+const DEFAULT_MAX_KEYS_PER_PRINCIPAL: u64 = 25_000;
 
 impl fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
