@@ -427,11 +427,11 @@ async fn idempotency_suite<S: IdempotencyStore>(s: S) -> Vec<String> {
     // Fencing: only the claim's own token completes it.
     line(
         "complete, another token",
-        format!("{:?}", s.complete(&k, second.token, response(7), ttl).await),
+        format!("{:?}", s.complete(&k, &second, response(7), ttl).await),
     );
     line(
         "complete",
-        format!("{:?}", s.complete(&k, first.token, response(1), ttl).await),
+        format!("{:?}", s.complete(&k, &first, response(1), ttl).await),
     );
     line("replay", show_begin(s.begin(&k, &second).await));
     line(
@@ -442,12 +442,9 @@ async fn idempotency_suite<S: IdempotencyStore>(s: S) -> Vec<String> {
     // releasing leaves a finished key alone.
     line(
         "complete again",
-        format!("{:?}", s.complete(&k, first.token, response(2), ttl).await),
+        format!("{:?}", s.complete(&k, &first, response(2), ttl).await),
     );
-    line(
-        "renew done",
-        format!("{:?}", s.renew(&k, first.token, lease).await),
-    );
+    line("renew done", format!("{:?}", s.renew(&k, &first).await));
     line(
         "release done",
         format!("{:?}", s.release(&k, first.token).await),
@@ -462,7 +459,7 @@ async fn idempotency_suite<S: IdempotencyStore>(s: S) -> Vec<String> {
     line("bob", show_begin(s.begin(&b, &claim(other, lease)).await));
     line(
         "alice completes",
-        format!("{:?}", s.complete(&a, alice.token, response(3), ttl).await),
+        format!("{:?}", s.complete(&a, &alice, response(3), ttl).await),
     );
     line(
         "bob still",
@@ -486,19 +483,30 @@ async fn idempotency_suite<S: IdempotencyStore>(s: S) -> Vec<String> {
         "claim after release",
         show_begin(s.begin(&r, &claim(other, lease)).await),
     );
+    // A key the store lost (a restart without persistence): its holder's renewal claims it
+    // again and its completion writes it, so retries wait or replay rather than run again.
     let nope = key(None, "nope");
-    let t0 = ClaimToken::random();
+    let lost = claim(fp, lease);
     line(
         "release unknown",
-        format!("{:?}", s.release(&nope, t0).await),
+        format!("{:?}", s.release(&nope, lost.token).await),
     );
     line(
-        "renew unknown",
-        format!("{:?}", s.renew(&nope, t0, lease).await),
+        "renew a lost key",
+        format!("{:?}", s.renew(&nope, &lost).await),
     );
     line(
-        "complete unclaimed",
-        format!("{:?}", s.complete(&nope, t0, response(9), ttl).await),
+        "while renewed",
+        show_begin(s.begin(&nope, &claim(fp, lease)).await),
+    );
+    let gone = key(None, "gone");
+    line(
+        "complete a lost key",
+        format!("{:?}", s.complete(&gone, &lost, response(9), ttl).await),
+    );
+    line(
+        "replay a restored key",
+        show_begin(s.begin(&gone, &claim(fp, lease)).await),
     );
 
     // Leases run out into "abandoned", never "free"; a renewal extends a lease; a late holder
@@ -516,15 +524,12 @@ async fn idempotency_suite<S: IdempotencyStore>(s: S) -> Vec<String> {
     line("lease to renew", show_begin(s.begin(&n, &renewed).await));
     line(
         "renew",
-        format!("{:?}", s.renew(&n, renewed.token, lease).await),
+        format!("{:?}", s.renew(&n, &Claim { lease, ..renewed }).await),
     );
     line("to expire", show_begin(s.begin(&t, &expiring).await));
     line(
         "complete short",
-        format!(
-            "{:?}",
-            s.complete(&t, expiring.token, response(4), short).await
-        ),
+        format!("{:?}", s.complete(&t, &expiring, response(4), short).await),
     );
     line("slow holder", show_begin(s.begin(&late, &slow).await));
     tokio::time::sleep(Duration::from_millis(1300)).await;
@@ -543,18 +548,15 @@ async fn idempotency_suite<S: IdempotencyStore>(s: S) -> Vec<String> {
     line("take over", show_begin(s.begin(&l, &rescuer).await));
     line(
         "old holder renews",
-        format!("{:?}", s.renew(&l, lapsed.token, lease).await),
+        format!("{:?}", s.renew(&l, &lapsed).await),
     );
     line(
         "old holder completes",
-        format!("{:?}", s.complete(&l, lapsed.token, response(5), ttl).await),
+        format!("{:?}", s.complete(&l, &lapsed, response(5), ttl).await),
     );
     line(
         "new holder completes",
-        format!(
-            "{:?}",
-            s.complete(&l, rescuer.token, response(6), ttl).await
-        ),
+        format!("{:?}", s.complete(&l, &rescuer, response(6), ttl).await),
     );
     line(
         "replay after take over",
@@ -566,10 +568,7 @@ async fn idempotency_suite<S: IdempotencyStore>(s: S) -> Vec<String> {
     );
     line(
         "late holder completes",
-        format!(
-            "{:?}",
-            s.complete(&late, slow.token, response(8), ttl).await
-        ),
+        format!("{:?}", s.complete(&late, &slow, response(8), ttl).await),
     );
     line(
         "replay late",
@@ -604,8 +603,10 @@ const EXPECTED_IDEMPOTENCY: &[&str] = &[
     "release: Ok(Held)",
     "claim after release: claimed",
     "release unknown: Ok(Lost)",
-    "renew unknown: Ok(Lost)",
-    "complete unclaimed: Ok(Lost)",
+    "renew a lost key: Ok(Held)",
+    "while renewed: in flight",
+    "complete a lost key: Ok(Held)",
+    "replay a restored key: done: order 9, identical true",
     "short lease: claimed",
     "lease to renew: claimed",
     "renew: Ok(Held)",
@@ -1219,7 +1220,7 @@ async fn one_principal_cannot_fill_redis_for_the_others() {
     );
     let (k0, c0) = &hog[0];
     assert_eq!(
-        store.complete(k0, c0.token, response(1), HOUR).await,
+        store.complete(k0, c0, response(1), HOUR).await,
         Ok(Ownership::Held)
     );
     assert!(matches!(
@@ -1233,4 +1234,44 @@ async fn one_principal_cannot_fill_redis_for_the_others() {
         store.begin(&key(Some("hog"), "k3"), &claim(fp, HOUR)).await,
         Ok(Begin::Claimed)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_killed_and_restarted_empty_mid_handler_never_reruns_it() {
+    let mut server = RedisServer::start();
+    let port = server.port;
+    let store = server.store("killed:").timeout(Duration::from_millis(100));
+    let effects = Arc::new(AtomicU32::new(0));
+    let r = slow_email_router(store, effects.clone(), Duration::from_millis(1500));
+
+    let first = tokio::spawn({
+        let r = r.clone();
+        async move { keyed(&r, "k").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // SIGKILL, then a new, empty Redis on the same port: every claim is gone.
+    server.kill();
+    let server = RedisServer::start_on(port);
+    // The holder's next renewal claims the key again (the layer renews every 100 ms)...
+    eventually(30, || async move {
+        match ask(port, "EXISTS killed:i:g:k\r\n") {
+            Ok(answer) if answer.starts_with(":1") => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    // ...so a retry waits instead of running the handler a second time.
+    let during = keyed(&r, "k").await;
+    assert_eq!(during.status, StatusCode::CONFLICT);
+    assert_eq!(effects.load(Ordering::SeqCst), 1);
+
+    // The result is written when the handler ends, and replayed.
+    let original = first.await.expect("the first call");
+    assert_eq!(original.status, StatusCode::CREATED);
+    let again = keyed(&r, "k").await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(again.headers[IDEMPOTENT_REPLAYED], "true");
+    assert_eq!(again.body, original.body);
+    assert_eq!(effects.load(Ordering::SeqCst), 1);
+    drop(server);
 }

@@ -56,25 +56,20 @@ impl IdempotencyStore for Faulty {
     async fn complete(
         &self,
         key: &ScopedKey,
-        token: ClaimToken,
+        claim: &Claim,
         stored: Stored,
         ttl: Duration,
     ) -> Result<Ownership, StoreError> {
         if take(&self.complete_fails) {
             return Err(StoreError::new("write failed"));
         }
-        self.inner.complete(key, token, stored, ttl).await
+        self.inner.complete(key, claim, stored, ttl).await
     }
-    async fn renew(
-        &self,
-        key: &ScopedKey,
-        token: ClaimToken,
-        lease: Duration,
-    ) -> Result<Ownership, StoreError> {
+    async fn renew(&self, key: &ScopedKey, claim: &Claim) -> Result<Ownership, StoreError> {
         if self.renew_fails.load(Ordering::SeqCst) {
             return Err(StoreError::new("stalled"));
         }
-        self.inner.renew(key, token, lease).await
+        self.inner.renew(key, claim).await
     }
     async fn release(&self, key: &ScopedKey, token: ClaimToken) -> Result<Ownership, StoreError> {
         self.inner.release(key, token).await
@@ -617,19 +612,14 @@ impl IdempotencyStore for Chaos {
     async fn complete(
         &self,
         key: &ScopedKey,
-        token: ClaimToken,
+        claim: &Claim,
         stored: Stored,
         ttl: Duration,
     ) -> Result<Ownership, StoreError> {
-        chaos!(self, self.inner.complete(key, token, stored.clone(), ttl))
+        chaos!(self, self.inner.complete(key, claim, stored.clone(), ttl))
     }
-    async fn renew(
-        &self,
-        key: &ScopedKey,
-        token: ClaimToken,
-        lease: Duration,
-    ) -> Result<Ownership, StoreError> {
-        chaos!(self, self.inner.renew(key, token, lease))
+    async fn renew(&self, key: &ScopedKey, claim: &Claim) -> Result<Ownership, StoreError> {
+        chaos!(self, self.inner.renew(key, claim))
     }
     async fn release(&self, key: &ScopedKey, token: ClaimToken) -> Result<Ownership, StoreError> {
         chaos!(self, self.inner.release(key, token))

@@ -590,18 +590,13 @@ impl IdempotencyStore for BrokenStore {
     async fn complete(
         &self,
         _: &ScopedKey,
-        _: ClaimToken,
+        _: &Claim,
         _: Stored,
         _: Duration,
     ) -> Result<Ownership, StoreError> {
         Err(StoreError::new("down"))
     }
-    async fn renew(
-        &self,
-        _: &ScopedKey,
-        _: ClaimToken,
-        _: Duration,
-    ) -> Result<Ownership, StoreError> {
+    async fn renew(&self, _: &ScopedKey, _: &Claim) -> Result<Ownership, StoreError> {
         Err(StoreError::new("down"))
     }
     async fn release(&self, _: &ScopedKey, _: ClaimToken) -> Result<Ownership, StoreError> {

@@ -71,9 +71,7 @@ async fn leases_ttl_release_and_sweep() {
     );
     // Its holder, alive after all, still completes it (nobody took it over).
     assert_eq!(
-        store
-            .complete(&key("a"), a.token, stored("done"), keep)
-            .await,
+        store.complete(&key("a"), &a, stored("done"), keep).await,
         Ok(Ownership::Held)
     );
     assert_eq!(
@@ -125,7 +123,7 @@ async fn a_full_store_makes_room_from_expired_entries_before_refusing() {
         let c = claim(fp, ttl, ttl);
         assert_eq!(store.begin(&key(k), &c).await, Ok(Begin::Claimed));
         assert_eq!(
-            store.complete(&key(k), c.token, stored("ok"), ttl).await,
+            store.complete(&key(k), &c, stored("ok"), ttl).await,
             Ok(Ownership::Held)
         );
     }
@@ -190,7 +188,7 @@ async fn a_result_too_large_for_the_byte_budget_is_refused_and_the_claim_kept() 
         headers: http::HeaderMap::new(),
         body: Bytes::from(vec![b'x'; 16 << 10]),
     };
-    let refused = store.complete(&key("big"), c.token, big, hour).await;
+    let refused = store.complete(&key("big"), &c, big, hour).await;
     assert!(refused.is_err_and(|e| e.is_full()));
     // Still claimed (a retry gets 409, never a re-run); a small marker fits in the reserve.
     assert_eq!(
@@ -199,7 +197,7 @@ async fn a_result_too_large_for_the_byte_budget_is_refused_and_the_claim_kept() 
     );
     assert_eq!(
         store
-            .complete(&key("big"), c.token, stored("marker"), hour)
+            .complete(&key("big"), &c, stored("marker"), hour)
             .await,
         Ok(Ownership::Held)
     );
@@ -231,8 +229,8 @@ async fn a_flood_of_a_million_keys_stays_under_the_byte_budget() {
                     headers: http::HeaderMap::new(),
                     body: body.clone(),
                 };
-                if store.complete(&k, c.token, result, hour).await.is_err() {
-                    let _ = store.complete(&k, c.token, stored("marker"), hour).await;
+                if store.complete(&k, &c, result, hour).await.is_err() {
+                    let _ = store.complete(&k, &c, stored("marker"), hour).await;
                 }
             }
             Ok(other) => panic!("{other:?}"),

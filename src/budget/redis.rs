@@ -185,31 +185,38 @@ return {0}
 "#;
 
 /// Completes `KEYS[1]` claimed under token `ARGV[1]` with the response `ARGV[2]`, kept
-/// `ARGV[3]` ms (even if its lease ran out: nobody took it over).
+/// `ARGV[3]` ms (even if its lease ran out: nobody took it over); writes it if the key is
+/// gone (`ARGV[4]`: the fingerprint), counting it in the principal's set `KEYS[2]`.
 ///
-/// Answers 1 stored, 2 already done under this token, 0 not held, -1 malformed entry.
+/// Answers 1 stored, 2 already done under this token, 0 held by another claim, -1 malformed
+/// entry.
 const COMPLETE_LUA: &str = r#"
 local v = redis.call('HMGET', KEYS[1], 's', 't')
-if not v[1] or v[2] ~= ARGV[1] then return 0 end
+if v[1] and v[2] ~= ARGV[1] then return 0 end
 if v[1] == 'D' then return 2 end
-if v[1] ~= 'F' then return -1 end
+if v[1] and v[1] ~= 'F' then return -1 end
+if not v[1] then redis.call('HSET', KEYS[1], 'f', ARGV[4], 't', ARGV[1]) end
 redis.call('HSET', KEYS[1], 's', 'D', 'r', ARGV[2])
 redis.call('HDEL', KEYS[1], 'l')
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
-if redis.call('ZSCORE', KEYS[2], KEYS[1]) then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), KEYS[1])
-  if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
-end
+redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), KEYS[1])
+if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[2], ARGV[3]) end
 return 1
 "#;
 
-/// Extends the lease of `KEYS[1]` claimed under token `ARGV[1]` to `ARGV[2]` ms from now.
+/// Extends the lease of `KEYS[1]` claimed under token `ARGV[1]` to `ARGV[2]` ms from now;
+/// re-creates the claim (fingerprint `ARGV[3]`, kept `ARGV[4]` ms) if the key is gone.
 /// Answers 1 if renewed, else 0.
 const RENEW_LUA: &str = r#"
 local v = redis.call('HMGET', KEYS[1], 's', 't')
-if v[1] ~= 'F' or v[2] ~= ARGV[1] then return 0 end
+if not v[1] then
+  redis.call('HSET', KEYS[1], 's', 'F', 'f', ARGV[3], 't', ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[4]), KEYS[1])
+  if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
+elseif v[1] ~= 'F' or v[2] ~= ARGV[1] then
+  return 0
+end
 redis.call('HSET', KEYS[1], 'l', now + tonumber(ARGV[2]))
 if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 1
@@ -226,7 +233,8 @@ return 1
 
 static DRAW: LazyLock<Script> = LazyLock::new(|| Script::new(DRAW_LUA));
 static BEGIN: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{NOW_LUA}{BEGIN_LUA}")));
-static COMPLETE: LazyLock<Script> = LazyLock::new(|| Script::new(COMPLETE_LUA));
+static COMPLETE: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{NOW_LUA}{COMPLETE_LUA}")));
 static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{NOW_LUA}{RENEW_LUA}")));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LUA));
 
@@ -563,19 +571,20 @@ impl IdempotencyStore for RedisStore {
     async fn complete(
         &self,
         key: &ScopedKey,
-        token: ClaimToken,
+        claim: &Claim,
         stored: Stored,
         ttl: Duration,
     ) -> Result<Ownership, StoreError> {
         let encoded = encode_stored(&stored)?;
         let ttl = millis(ttl).to_string();
-        let token = token.as_u128().to_be_bytes();
+        let token = claim.token.as_u128().to_be_bytes();
+        let fingerprint = claim.fingerprint.as_u128().to_be_bytes();
         match self
             .int_script(
                 "idempotency complete",
                 &COMPLETE,
                 key,
-                &[&token, &encoded, ttl.as_bytes()],
+                &[&token, &encoded, ttl.as_bytes(), &fingerprint],
             )
             .await?
         {
@@ -588,20 +597,17 @@ impl IdempotencyStore for RedisStore {
         }
     }
 
-    async fn renew(
-        &self,
-        key: &ScopedKey,
-        token: ClaimToken,
-        lease: Duration,
-    ) -> Result<Ownership, StoreError> {
-        let lease = millis(lease).to_string();
-        let token = token.as_u128().to_be_bytes();
+    async fn renew(&self, key: &ScopedKey, claim: &Claim) -> Result<Ownership, StoreError> {
+        let lease = millis(claim.lease).to_string();
+        let keep = millis(claim.keep.max(claim.lease)).to_string();
+        let token = claim.token.as_u128().to_be_bytes();
+        let fingerprint = claim.fingerprint.as_u128().to_be_bytes();
         let n = self
             .int_script(
                 "idempotency renew",
                 &RENEW,
                 key,
-                &[&token, lease.as_bytes()],
+                &[&token, lease.as_bytes(), &fingerprint, keep.as_bytes()],
             )
             .await?;
         Ok(if n == 1 {

@@ -222,23 +222,26 @@ pub trait IdempotencyStore: Clone + Send + Sync + 'static {
         claim: &Claim,
     ) -> impl Future<Output = Result<Begin, StoreError>> + Send;
 
-    /// Records the result of the claim `token` on `key`, kept for `ttl`. Completes a claim
-    /// whose lease ran out too, as long as nobody took it over.
+    /// Records the result of `claim` on `key`, kept for `ttl`. Completes a claim whose lease
+    /// ran out too, as long as nobody took it over; and writes the result if the key is gone
+    /// altogether (a store that lost its data, say a Redis restarted without persistence),
+    /// so that retries find it rather than run the request again. Only another claim's entry
+    /// (in flight or done) makes it [`Ownership::Lost`].
     fn complete(
         &self,
         key: &ScopedKey,
-        token: ClaimToken,
+        claim: &Claim,
         stored: Stored,
         ttl: Duration,
     ) -> impl Future<Output = Result<Ownership, StoreError>> + Send;
 
-    /// Extends the claim `token`'s lease to `lease` from now (the holder is alive and still
-    /// working), even if it had run out, as long as nobody took it over.
+    /// Extends `claim`'s lease to [`Claim::lease`] from now (the holder is alive and still
+    /// working), even if it had run out, as long as nobody took it over; re-creates the claim
+    /// if the key is gone altogether (the store lost it), so retries wait rather than run.
     fn renew(
         &self,
         key: &ScopedKey,
-        token: ClaimToken,
-        lease: Duration,
+        claim: &Claim,
     ) -> impl Future<Output = Result<Ownership, StoreError>> + Send;
 
     /// Gives up the claim `token` (the request did nothing), so a retry can run.

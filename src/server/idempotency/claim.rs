@@ -6,7 +6,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use super::Config;
-use crate::server::store::{ClaimToken, IdempotencyStore, Ownership, ScopedKey};
+use crate::server::store::{Claim, ClaimToken, IdempotencyStore, Ownership, ScopedKey};
 
 /// Renews a claim every third of its lease while its holder works, up to a deadline; stops
 /// when dropped (the claim ended) or when the claim is lost.
@@ -16,10 +16,10 @@ impl LeaseKeeper {
     pub(super) fn start<St: IdempotencyStore>(
         store: &St,
         key: &ScopedKey,
-        token: ClaimToken,
-        lease: Duration,
+        claim: Claim,
         deadline: Instant,
     ) -> Self {
+        let lease = claim.lease;
         let (store, key) = (store.clone(), key.clone());
         LeaseKeeper(tokio::spawn(async move {
             let every = (lease / 3).max(Duration::from_millis(10));
@@ -27,7 +27,7 @@ impl LeaseKeeper {
             // Bounded by `deadline`; each turn is one renewal.
             while Instant::now() + next < deadline {
                 tokio::time::sleep(next).await;
-                match store.renew(&key, token, lease).await {
+                match store.renew(&key, &claim).await {
                     Ok(Ownership::Held) => next = every,
                     Ok(Ownership::Lost) => {
                         tracing::warn!(key = %key.key(), "idempotency claim lost while its request runs (taken over by a recovery?)");

@@ -19,7 +19,7 @@ use super::respond::not_replayable;
 use super::{Config, OversizedResponse};
 use crate::server::body::{BoxError, Relayed};
 use crate::server::memory::MARKER_RESERVE;
-use crate::server::store::{ClaimToken, IdempotencyStore, Ownership, ScopedKey, Stored};
+use crate::server::store::{Claim, IdempotencyStore, Ownership, ScopedKey, Stored};
 
 /// Relays a response to the client as it is produced and records it for replays.
 pub(super) struct Recorder<St> {
@@ -27,7 +27,7 @@ pub(super) struct Recorder<St> {
     pub(super) headers: HeaderMap,
     pub(super) store: St,
     pub(super) key: ScopedKey,
-    pub(super) token: ClaimToken,
+    pub(super) claim: Claim,
     pub(super) config: Arc<Config>,
     /// Renews the claim until the result is written (dropped then).
     pub(super) keeper: Option<LeaseKeeper>,
@@ -169,7 +169,7 @@ impl<St: IdempotencyStore> Recorder<St> {
             OversizedResponse::Release => {
                 tracing::warn!(key = %self.key.key(), why, "response not stored; key released, a retry will run the request again");
                 self.keeper = None;
-                release(&self.store, &self.key, self.token, &self.config, why).await;
+                release(&self.store, &self.key, self.claim.token, &self.config, why).await;
             }
         }
     }
@@ -192,7 +192,7 @@ impl<St: IdempotencyStore> Recorder<St> {
         loop {
             let ttl = self.config.ttl;
             match (self.store)
-                .complete(&self.key, self.token, stored.clone(), ttl)
+                .complete(&self.key, &self.claim, stored.clone(), ttl)
                 .await
             {
                 Ok(Ownership::Held) => return None,

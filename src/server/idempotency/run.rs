@@ -72,7 +72,7 @@ where
         }
     };
     match begun {
-        Ok(Begin::Claimed) => run(inner, store, config, key, asked.token, req).await,
+        Ok(Begin::Claimed) => run(inner, store, config, key, asked, req).await,
         Ok(Begin::InFlight) => Ok(retry_later(
             StatusCode::CONFLICT,
             kind::IN_PROGRESS,
@@ -120,14 +120,14 @@ where
     }
 }
 
-/// Runs the handler under the claim `token`, and hands its response on: relayed and recorded,
+/// Runs the handler under `claim`, and hands its response on: relayed and recorded,
 /// or (a response that releases the key) as it is.
 async fn run<S, St, B, ResBody>(
     mut inner: S,
     store: St,
     config: Arc<Config>,
     key: ScopedKey,
-    token: ClaimToken,
+    claim: Claim,
     req: Request<B>,
 ) -> Result<Response<IdempotencyBody<ResBody>>, S::Error>
 where
@@ -137,7 +137,8 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let deadline = Instant::now() + config.max_claim_time;
-    let keeper = LeaseKeeper::start(&store, &key, token, config.lease, deadline);
+    let keeper = LeaseKeeper::start(&store, &key, claim, deadline);
+    let token = claim.token;
     let res = match CatchUnwind::new(inner.call(req)).await {
         Ok(Ok(res)) => res,
         Ok(Err(e)) => {
@@ -174,7 +175,7 @@ where
         headers: storable_headers(&parts.headers),
         store,
         key,
-        token,
+        claim,
         config,
         keeper: Some(keeper),
         deadline,

@@ -358,61 +358,88 @@ impl IdempotencyStore for MemoryIdempotencyStore {
     async fn complete(
         &self,
         key: &ScopedKey,
-        token: ClaimToken,
+        claim: &Claim,
         stored: Stored,
         ttl: Duration,
     ) -> Result<Ownership, StoreError> {
         let now = Instant::now();
         let inner = &self.inner;
-        let Some(mut entry) = inner.map.get_mut(key) else {
-            return Ok(Ownership::Lost);
+        let extra = stored.size().saturating_sub(MARKER_RESERVE);
+        let done = |size| Entry::Done {
+            fingerprint: claim.fingerprint,
+            token: claim.token,
+            stored,
+            until: now + ttl,
+            size,
         };
-        match &*entry {
-            Entry::Done { token: t, .. } if *t == token => Ok(Ownership::Held),
-            Entry::InFlight {
-                token: t,
-                fingerprint,
-                size,
-                ..
-            } if *t == token => {
-                let (fingerprint, old) = (*fingerprint, *size);
-                let extra = stored.size().saturating_sub(MARKER_RESERVE);
-                inner.charge(key, 0, extra)?;
-                *entry = Entry::Done {
-                    fingerprint,
-                    token,
-                    stored,
-                    until: now + ttl,
-                    size: old + extra,
-                };
+        match inner.map.entry(key.clone()) {
+            MapEntry::Occupied(mut e) => match e.get() {
+                Entry::Done { token, .. } if *token == claim.token => Ok(Ownership::Held),
+                Entry::InFlight { token, size, .. } if *token == claim.token => {
+                    let size = *size;
+                    inner.charge(key, 0, extra)?;
+                    e.insert(done(size + extra));
+                    Ok(Ownership::Held)
+                }
+                entry if entry.until() > now => Ok(Ownership::Lost),
+                // Expired: the key is gone, as below.
+                entry => {
+                    let size = entry.size();
+                    inner.refund(key, 1, size);
+                    let size = key_size(key) + extra;
+                    match inner.charge(key, 1, size) {
+                        Ok(()) => {
+                            e.insert(done(size));
+                            Ok(Ownership::Held)
+                        }
+                        Err(full) => {
+                            e.remove();
+                            Err(full)
+                        }
+                    }
+                }
+            },
+            // The key is gone (not released by this claim: its holder completes it): write
+            // the result, so a retry replays it instead of running again.
+            MapEntry::Vacant(v) => {
+                let size = key_size(key) + extra;
+                inner.charge(key, 1, size)?;
+                v.insert(done(size));
                 Ok(Ownership::Held)
             }
-            _ => Ok(Ownership::Lost),
         }
     }
 
-    async fn renew(
-        &self,
-        key: &ScopedKey,
-        token: ClaimToken,
-        lease: Duration,
-    ) -> Result<Ownership, StoreError> {
+    async fn renew(&self, key: &ScopedKey, claim: &Claim) -> Result<Ownership, StoreError> {
         let now = Instant::now();
-        let Some(mut entry) = self.inner.map.get_mut(key) else {
-            return Ok(Ownership::Lost);
-        };
-        match &mut *entry {
-            Entry::InFlight {
-                token: t,
-                lease_until,
-                until,
-                ..
-            } if *t == token && *until > now => {
-                *lease_until = now + lease;
-                *until = (*until).max(*lease_until);
+        let inner = &self.inner;
+        match inner.map.entry(key.clone()) {
+            MapEntry::Occupied(mut e) => match e.get_mut() {
+                Entry::InFlight {
+                    token,
+                    lease_until,
+                    until,
+                    ..
+                } if *token == claim.token && *until > now => {
+                    *lease_until = now + claim.lease;
+                    *until = (*until).max(*lease_until);
+                    Ok(Ownership::Held)
+                }
+                _ => Ok(Ownership::Lost),
+            },
+            // The key is gone (the store lost it): claim it again, so retries wait.
+            MapEntry::Vacant(v) => {
+                let size = key_size(key);
+                inner.charge(key, 1, size)?;
+                v.insert(Entry::InFlight {
+                    fingerprint: claim.fingerprint,
+                    token: claim.token,
+                    lease_until: now + claim.lease,
+                    until: now + claim.keep.max(claim.lease),
+                    size,
+                });
                 Ok(Ownership::Held)
             }
-            _ => Ok(Ownership::Lost),
         }
     }
 
