@@ -1,4 +1,4 @@
-//! Review: a request carrying two idempotency keys is ambiguous, and refused.
+//! A request carrying two idempotency keys is ambiguous: the server answers 400, the client refuses it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
