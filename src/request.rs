@@ -289,8 +289,11 @@ pub trait RetryRequest: Sized {
     /// Whether the request has a side effect. Called once per logical call.
     fn side_effect(&self) -> SideEffect;
 
-    /// The key the request already carries, if any. Called once per logical call. An
-    /// invalid key is an error before anything is sent.
+    /// The key the request already carries, if any. Called once per logical call, whatever
+    /// its side effect. An invalid key is an error before anything is sent. For HTTP
+    /// requests: the `Idempotency-Key` header and the [`IdempotencyKey`] extension; if both
+    /// are there they must name the same key, else the request is refused
+    /// ([`InvalidKey`]) — the key reported is always the key sent.
     fn idempotency_key(&self, names: &HeaderNames) -> Result<Option<IdempotencyKey>, InvalidKey>;
 
     /// Stamps the key on the request. Called once per logical call, on side-effecting
@@ -314,7 +317,9 @@ pub trait RetryRequest: Sized {
         None
     }
 
-    /// The task id, for the per-task budget. Called only after a failure.
+    /// The task id, for the per-task budget. Called only after a failure. Any id returned is
+    /// charged, whatever its shape (long, UTF-8, empty, control characters: under a bounded
+    /// digest); `None` means the request belongs to no task.
     fn task_id(&self, names: &HeaderNames) -> Option<String> {
         id_from_view(self.view(), &names.task_id, |t: &TaskId| t.0.clone())
     }
@@ -333,9 +338,18 @@ fn id_from_view<T: Send + Sync + 'static>(
     if let Some(v) = view.extensions.and_then(|e| e.get::<T>()) {
         return Some(from_ext(v));
     }
-    let value = view.headers?.get(header)?;
-    let text = value.to_str().ok()?.trim();
-    (!text.is_empty() && text.len() <= MAX_KEY_LEN).then(|| text.to_owned())
+    // Every id present is an id, whatever its shape: the budgets charge a bounded digest of
+    // an unusual one, and never skip it (a skipped id would be a budget escaped). Several
+    // header lines are read as one id, joined as the wire would fold them.
+    let headers = view.headers?;
+    let mut values = headers.get_all(header).iter();
+    let first = values.next()?;
+    let mut id = String::from_utf8_lossy(first.as_bytes()).into_owned();
+    for more in values {
+        id.push_str(", ");
+        id.push_str(&String::from_utf8_lossy(more.as_bytes()));
+    }
+    Some(id)
 }
 
 /// The key in a request's headers, validated.
@@ -346,6 +360,30 @@ pub(crate) fn key_from_headers(
     match single_header(headers, &names.idempotency_key)? {
         Some(v) => IdempotencyKey::from_header(v).map(Some),
         None => Ok(None),
+    }
+}
+
+/// The one rule for the key a request carries: its header (validated: an invalid one is
+/// an error, never sent) and its [`IdempotencyKey`] extension must agree when both are
+/// there; either alone is the key. The layer's closure and minting come after, only for a
+/// request that carries none.
+pub(crate) fn key_of_parts(
+    headers: &HeaderMap,
+    extension: Option<&IdempotencyKey>,
+    names: &HeaderNames,
+) -> Result<Option<IdempotencyKey>, InvalidKey> {
+    let header = key_from_headers(headers, names)?;
+    match (header, extension) {
+        (Some(h), Some(e)) if h != *e => Err(InvalidKey {
+            problem: Cow::Owned(format!(
+                "the header names `{}` and the IdempotencyKey extension `{}`: one request, \
+                 one key",
+                h.as_str(),
+                e.as_str()
+            )),
+        }),
+        (Some(h), _) => Ok(Some(h)),
+        (None, e) => Ok(e.cloned()),
     }
 }
 
@@ -439,10 +477,11 @@ impl<B: CloneBody> RetryRequest for Request<B> {
     }
 
     fn idempotency_key(&self, names: &HeaderNames) -> Result<Option<IdempotencyKey>, InvalidKey> {
-        if let Some(key) = self.extensions().get::<IdempotencyKey>() {
-            return Ok(Some(key.clone()));
-        }
-        key_from_headers(self.headers(), names)
+        key_of_parts(
+            self.headers(),
+            self.extensions().get::<IdempotencyKey>(),
+            names,
+        )
     }
 
     fn set_idempotency_key(&mut self, key: &IdempotencyKey, names: &HeaderNames) {

@@ -19,7 +19,7 @@
 //!
 //! | key | value | expires |
 //! |---|---|---|
-//! | `<prefix>b:c:<scope>:<id>` ([`Limit::Count`]) | the count, decimal | `ttl` after the last granted draw |
+//! | `<prefix>b:c:<scope>:<id>` ([`Limit::Count`]; an id longer than 64 bytes or outside `[A-Za-z0-9._:@/+=-]` as `#` + its XXH3-128 in hex) | the count, decimal | `ttl` after the last granted draw |
 //! | `<prefix>b:r:<scope>:<id>` ([`Limit::Rate`]) | GCRA's theoretical arrival time, µs of Redis time | when the bucket is full again |
 //! | `<prefix>i:<scoped key>` (idempotency) | `F` + fingerprint (16 bytes, big endian) while in flight; `D` + fingerprint + the response once done | the lease; then the result's TTL |
 //!
@@ -340,11 +340,12 @@ impl RedisStore {
             Limit::Count { .. } => "c",
             Limit::Rate { .. } => "r",
         };
+        // Any id, bounded: a long or unusual one under its digest (as `Budgets` sends it).
         format!(
             "{}b:{kind}:{}:{}",
             self.prefix,
             draw.scope.as_str(),
-            draw.key
+            super::budget_key(&draw.key)
         )
     }
 
