@@ -237,9 +237,6 @@ fn run(rate: u32, p: f64, strategy: Strategy) -> std::io::Result<Row> {
                                 if let CallOutcome::Stopped(StopReason::Budget { .. }) =
                                     info.outcome
                                 {
-                                    if std::env::var("STORM_DEBUG").is_ok() {
-                                        eprintln!("{}", info.outcome);
-                                    }
                                     denied.fetch_add(1, Ordering::Relaxed);
                                 }
                             }

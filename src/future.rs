@@ -135,6 +135,7 @@ where
 }
 
 /// The deadline fired while the call waited: drop what runs, stop on `Deadline`.
+#[allow(clippy::result_large_err)] // the future's output type
 fn out_of_time<S, Req, C, H>(this: &mut ResponseFutureProj<'_, S, Req, C, H>) -> Output<S, Req>
 where
     S: Service<Req>,
@@ -161,6 +162,7 @@ where
 }
 
 /// Moves the state machine as far as it goes; returns `Pending` only from a wait.
+#[allow(clippy::result_large_err)] // the future's output type
 fn step<S, Req, C, H>(
     this: &mut ResponseFutureProj<'_, S, Req, C, H>,
     cx: &mut Context<'_>,

@@ -158,7 +158,7 @@ async fn a_panic_in_the_inner_call_leaves_no_active_call() {
     let a = attempts.clone();
     let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         a.fetch_add(1, Ordering::SeqCst);
-        let _ = svc.call(get("/x"));
+        drop(svc.call(get("/x")));
     }));
     assert!(caught.is_err());
     assert_eq!(attempts.load(Ordering::SeqCst), 1);

@@ -9,8 +9,10 @@ use http::{Request, Response};
 use tower::{BoxError, Layer, ServiceExt};
 use tower_retry_guard::{IdempotencyKey, RetryInfo, RetryLayer, StopReason};
 
+type Sent = Arc<Mutex<Vec<Option<String>>>>;
+
 fn recording() -> (
-    Arc<Mutex<Vec<Option<String>>>>,
+    Sent,
     impl tower::Service<
         Request<String>,
         Response = Response<String>,

@@ -349,11 +349,9 @@ impl RetryRatio {
             x(self.allowance(epoch)),
             self.config.floor,
             self.unproven(u128::from(succeeded)),
-            if self.ratio == 0 {
-                f64::INFINITY
-            } else {
-                x(SCALE * SCALE / self.ratio)
-            },
+            (SCALE * SCALE)
+                .checked_div(self.ratio)
+                .map_or(f64::INFINITY, x),
             x(self.ratio),
             x(self.credit),
             x(self.max_ratio),
