@@ -11,6 +11,7 @@ use crate::request::{IdempotencyKey, Operation};
 
 mod health;
 mod operation;
+mod snapshot;
 mod stats;
 
 pub(crate) use self::operation::{OpKey, default_operation};

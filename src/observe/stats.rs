@@ -18,6 +18,8 @@ use crate::budget::Scope;
 pub use super::health::Health;
 use super::health::health_of;
 use super::operation::OpKey;
+pub use super::operation::{DEFAULT_MAX_OPERATIONS, OVERFLOW_OPERATION};
+pub use super::snapshot::{KindSnapshot, Window};
 
 const KINDS: usize = ErrorKind::ALL.len();
 const BUCKET_SECS: u64 = 10;
@@ -89,12 +91,6 @@ pub struct RetryStats {
     inner: Arc<StatsInner>,
 }
 
-/// The most operations tracked by default.
-pub const DEFAULT_MAX_OPERATIONS: usize = 1000;
-
-/// The name the calls of operations past the cap are counted under.
-pub const OVERFLOW_OPERATION: &str = "(other operations)";
-
 /// The map's keys are already FNV-1a outputs: hashing them again is wasted work on the
 /// success path.
 #[derive(Debug, Clone, Copy, Default)]
@@ -131,46 +127,6 @@ struct StatsInner {
 impl Default for RetryStats {
     fn default() -> Self {
         RetryStats::new()
-    }
-}
-
-/// A windowed summary of one operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub struct Window {
-    /// Logical calls.
-    pub calls: u64,
-    /// Retries made.
-    pub retries: u64,
-    /// Calls that succeeded after a retry.
-    pub recovered: u64,
-    /// Calls that ended on a retryable failure (exhausted, deadline, denied...).
-    pub failed: u64,
-}
-
-/// The totals of one operation and error kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub struct KindSnapshot {
-    /// Failed attempts.
-    pub failures: u64,
-    /// Retries made after such a failure.
-    pub retries: u64,
-    /// Calls that succeeded in the end.
-    pub recovered: u64,
-    /// Calls that ran out of attempts or time.
-    pub exhausted: u64,
-    /// Calls denied by a budget: operation, task, user, process, in flight, store
-    /// unavailable.
-    pub denied: [u64; 6],
-    /// Calls not retried for another reason.
-    pub not_retried: u64,
-}
-
-impl KindSnapshot {
-    /// Calls denied by any budget (or an unavailable store).
-    pub fn denied_total(&self) -> u64 {
-        self.denied.iter().sum()
     }
 }
 
@@ -488,42 +444,5 @@ impl RetryStats {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stats_find_an_entry_keyed_by_method_and_path_by_its_name() {
-        let stats = RetryStats::new();
-        let key = OpKey::of_method_path(&http::Method::POST, "/v1/messages");
-        let handle = stats.handle(key, || "POST /v1/messages".to_owned());
-        stats.record_success(&handle, Instant::now(), None);
-        // A second handle for the same key finds the entry, and never names it again.
-        let again = stats.handle(key, || unreachable!("the entry exists"));
-        stats.record_retry(&again, ErrorKind::Overloaded, Duration::from_millis(100));
-        assert_eq!(stats.calls("POST /v1/messages"), 1);
-        assert_eq!(
-            stats
-                .kind("POST /v1/messages", ErrorKind::Overloaded)
-                .retries,
-            1
-        );
-        assert_eq!(again.name(), "POST /v1/messages");
-    }
-
-    #[test]
-    fn health_thresholds() {
-        let w = |calls, retries, recovered, failed| Window {
-            calls,
-            retries,
-            recovered,
-            failed,
-        };
-        assert_eq!(health_of(&w(0, 0, 0, 0)), Health::Healthy);
-        assert_eq!(health_of(&w(100, 4, 4, 0)), Health::Healthy);
-        assert_eq!(health_of(&w(100, 5, 5, 0)), Health::UnstableRecovering);
-        assert_eq!(health_of(&w(100, 50, 40, 10)), Health::UnstableRecovering);
-        assert_eq!(health_of(&w(100, 1, 0, 1)), Health::UnstableRecovering);
-        assert_eq!(health_of(&w(100, 30, 5, 5)), Health::Failing);
-        assert_eq!(health_of(&w(10, 30, 0, 10)), Health::Failing);
-    }
-}
+#[path = "stats_tests.rs"]
+mod tests;
