@@ -20,7 +20,9 @@ pub enum StopReason {
         /// The policy's limit.
         max_retries: u32,
     },
-    /// The next retry would start after the call's total time.
+    /// The call's total time ran out: the next retry would start after it, or an attempt
+    /// (or the budget store, or the inner service getting ready) was still running at it
+    /// and was dropped.
     Deadline {
         /// The policy's limit.
         max_total_time: Duration,
@@ -61,6 +63,8 @@ pub enum StopReason {
     /// An inner retry layer of this crate already gave up: retrying here would multiply
     /// attempts.
     InnerGaveUp,
+    /// The inner service failed while getting ready (`poll_ready`): nothing was sent.
+    NotReady,
 }
 
 impl StopReason {
@@ -78,6 +82,7 @@ impl StopReason {
             StopReason::Budget { .. } => "budget",
             StopReason::StoreUnavailable { .. } => "store_unavailable",
             StopReason::InnerGaveUp => "inner_gave_up",
+            StopReason::NotReady => "not_ready",
         }
     }
 }
@@ -116,6 +121,9 @@ impl fmt::Display for StopReason {
             }
             StopReason::InnerGaveUp => {
                 f.write_str("an inner retry layer already gave up; not retried again")
+            }
+            StopReason::NotReady => {
+                f.write_str("the inner service failed while getting ready; nothing was sent")
             }
         }
     }
@@ -197,7 +205,10 @@ impl<E: fmt::Debug> fmt::Debug for RetryError<E> {
     }
 }
 
-impl<E: fmt::Display> fmt::Display for RetryError<E> {
+/// Says why the layer stopped, after how many attempts, of which operation. The inner error
+/// is not repeated: it is the error's `source()`, which error reporters print next (as
+/// `anyhow`'s `{:#}` and `tracing`'s error chains do).
+impl<E> fmt::Display for RetryError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
@@ -208,9 +219,6 @@ impl<E: fmt::Display> fmt::Display for RetryError<E> {
         )?;
         if let Some(op) = &self.info.operation {
             write!(f, " of `{op}`")?;
-        }
-        if let Some(inner) = &self.inner {
-            write!(f, ": {inner}")?;
         }
         Ok(())
     }

@@ -91,12 +91,15 @@
 mod backoff;
 pub mod body;
 pub mod budget;
+mod call;
 pub mod classify;
+mod decide;
 mod error;
 mod future;
 mod layer;
 mod observe;
 mod policy;
+mod report;
 mod request;
 #[cfg(feature = "reqwest")]
 mod reqwest_impl;
@@ -113,7 +116,10 @@ pub use crate::classify::{Classify, ErrorKind, LlmHttp, Outcome};
 pub use crate::error::{RetryError, StopReason};
 pub use crate::future::ResponseFuture;
 pub use crate::layer::{ChangeRequest, NoChange, RetryContext, RetryLayer};
-pub use crate::observe::{CallOutcome, Health, KindSnapshot, RetryInfo, RetryStats, Window};
+pub use crate::observe::{
+    CallOutcome, DEFAULT_MAX_OPERATIONS, Health, KindSnapshot, OVERFLOW_OPERATION, RetryInfo,
+    RetryStats, Window,
+};
 pub use crate::policy::{
     MAX_RETRIES_LIMIT, MAX_TOTAL_TIME_LIMIT, PolicyError, RetryPolicy, RetryPolicyBuilder,
 };

@@ -1,10 +1,20 @@
 //! What the layer needs to know about a request, and does to it: [`RetryRequest`],
 //! [`SideEffect`], [`IdempotencyKey`].
 
+#[path = "clone_body.rs"]
+mod clone_body;
+#[path = "key_headers.rs"]
+mod key_headers;
+
 use std::borrow::Cow;
 use std::fmt;
 
 use bytes::Bytes;
+
+pub use self::clone_body::CloneBody;
+pub(crate) use self::key_headers::{
+    key_from_headers, key_of_parts, single_header, stamp_attempt, stamp_key,
+};
 use http::header::HeaderName;
 use http::{Extensions, HeaderMap, HeaderValue, Method, Request, Uri};
 
@@ -298,8 +308,11 @@ pub trait RetryRequest: Sized {
     /// Whether the request has a side effect. Called once per logical call.
     fn side_effect(&self) -> SideEffect;
 
-    /// The key the request already carries, if any. Called once per logical call. An
-    /// invalid key is an error before anything is sent.
+    /// The key the request already carries, if any. Called once per logical call, whatever
+    /// its side effect. An invalid key is an error before anything is sent. For HTTP
+    /// requests: the `Idempotency-Key` header and the [`IdempotencyKey`] extension; if both
+    /// are there they must name the same key, else the request is refused
+    /// ([`InvalidKey`]) — the key reported is always the key sent.
     fn idempotency_key(&self, names: &HeaderNames) -> Result<Option<IdempotencyKey>, InvalidKey>;
 
     /// Stamps the key on the request. Called once per logical call, on side-effecting
@@ -323,7 +336,9 @@ pub trait RetryRequest: Sized {
         None
     }
 
-    /// The task id, for the per-task budget. Called only after a failure.
+    /// The task id, for the per-task budget. Called only after a failure. Any id returned is
+    /// charged, whatever its shape (long, UTF-8, empty, control characters: under a bounded
+    /// digest); `None` means the request belongs to no task.
     fn task_id(&self, names: &HeaderNames) -> Option<String> {
         id_from_view(self.view(), &names.task_id, |t: &TaskId| t.0.clone())
     }
@@ -342,91 +357,19 @@ fn id_from_view<T: Send + Sync + 'static>(
     if let Some(v) = view.extensions.and_then(|e| e.get::<T>()) {
         return Some(from_ext(v));
     }
-    let value = view.headers?.get(header)?;
-    let text = value.to_str().ok()?.trim();
-    (!text.is_empty() && text.len() <= MAX_KEY_LEN).then(|| text.to_owned())
-}
-
-/// The key in a request's headers, validated.
-pub(crate) fn key_from_headers(
-    headers: &HeaderMap,
-    names: &HeaderNames,
-) -> Result<Option<IdempotencyKey>, InvalidKey> {
-    match single_header(headers, &names.idempotency_key)? {
-        Some(v) => IdempotencyKey::from_header(v).map(Some),
-        None => Ok(None),
+    // Every id present is an id, whatever its shape: the budgets charge a bounded digest of
+    // an unusual one, and never skip it (a skipped id would be a budget escaped). Several
+    // header lines are read as one id, joined as the wire would fold them.
+    let headers = view.headers?;
+    let mut values = headers.get_all(header).iter();
+    let first = values.next()?;
+    let mut id = String::from_utf8_lossy(first.as_bytes()).into_owned();
+    for more in values {
+        id.push_str(", ");
+        id.push_str(&String::from_utf8_lossy(more.as_bytes()));
     }
+    Some(id)
 }
-
-/// The one value of a key header. Two values (two header lines, or lists joined into one
-/// field) name two keys: which one a server dedupes on is anyone's guess, so it is invalid
-/// (a structured-field Item cannot be a list).
-pub(crate) fn single_header<'a>(
-    headers: &'a HeaderMap,
-    name: &HeaderName,
-) -> Result<Option<&'a HeaderValue>, InvalidKey> {
-    let mut values = headers.get_all(name).iter();
-    let first = values.next();
-    if values.next().is_some() {
-        return Err(InvalidKey::new("more than one idempotency key header"));
-    }
-    Ok(first)
-}
-
-/// Stamps the key, unless the request sent one itself: that one is never replaced, not
-/// even by its quoted form.
-pub(crate) fn stamp_key(headers: &mut HeaderMap, key: &IdempotencyKey, names: &HeaderNames) {
-    if !headers.contains_key(&names.idempotency_key) {
-        headers.insert(names.idempotency_key.clone(), key.header_value().clone());
-    }
-}
-
-/// Stamps the attempt number, if the layer sends one.
-pub(crate) fn stamp_attempt(headers: &mut HeaderMap, attempt: u32, names: &HeaderNames) {
-    if let Some(name) = &names.attempt {
-        headers.insert(name.clone(), attempt_header(attempt));
-    }
-}
-
-const ATTEMPT_VALUES: [&str; 11] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"];
-
-/// The header value for an attempt number, without allocating for small numbers.
-pub(crate) fn attempt_header(attempt: u32) -> HeaderValue {
-    match ATTEMPT_VALUES.get(attempt as usize) {
-        Some(s) => HeaderValue::from_static(s),
-        None => HeaderValue::from(attempt),
-    }
-}
-
-/// A request body that may be copied for a retry.
-///
-/// Implemented for the usual in-memory bodies. A streaming body (`hyper::body::Incoming`)
-/// cannot be replayed; buffer it first (see [`crate::BufferedBody`]).
-pub trait CloneBody: Sized {
-    /// A copy of the body, or `None` if it cannot be replayed.
-    fn try_clone_body(&self) -> Option<Self>;
-}
-
-macro_rules! clone_body {
-    ($($t:ty),* $(,)?) => {$(
-        impl CloneBody for $t {
-            fn try_clone_body(&self) -> Option<Self> {
-                Some(self.clone())
-            }
-        }
-    )*};
-}
-
-clone_body!(
-    (),
-    String,
-    Vec<u8>,
-    &'static str,
-    &'static [u8],
-    Bytes,
-    http_body_util::Full<Bytes>,
-    http_body_util::Empty<Bytes>,
-);
 
 impl<B: CloneBody> RetryRequest for Request<B> {
     fn try_clone(&self) -> Option<Self> {
@@ -448,10 +391,11 @@ impl<B: CloneBody> RetryRequest for Request<B> {
     }
 
     fn idempotency_key(&self, names: &HeaderNames) -> Result<Option<IdempotencyKey>, InvalidKey> {
-        if let Some(key) = self.extensions().get::<IdempotencyKey>() {
-            return Ok(Some(key.clone()));
-        }
-        key_from_headers(self.headers(), names)
+        key_of_parts(
+            self.headers(),
+            self.extensions().get::<IdempotencyKey>(),
+            names,
+        )
     }
 
     fn set_idempotency_key(&mut self, key: &IdempotencyKey, names: &HeaderNames) {

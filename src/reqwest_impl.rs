@@ -2,8 +2,6 @@
 //! `reqwest::Response` (feature `reqwest`). `reqwest::Client` is a `tower::Service`, so
 //! `ServiceBuilder::new().layer(RetryLayer::new()).service(client)` retries it.
 
-use std::borrow::Cow;
-
 use crate::classify::{AsError, Classify, ErrorKind, LlmHttp, Outcome};
 use crate::observe::RetryInfo;
 use crate::request::{
@@ -41,11 +39,10 @@ impl RetryRequest for reqwest::Request {
     }
 
     fn operation(&self) -> Option<Operation> {
-        Some(Operation(Cow::Owned(format!(
-            "{} {}",
+        Some(crate::observe::default_operation(
             self.method(),
-            self.url().path()
-        ))))
+            self.url().path(),
+        ))
     }
 }
 

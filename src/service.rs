@@ -6,9 +6,10 @@ use std::task::{Context, Poll};
 
 use tower::Service;
 
+use crate::call::Prepared;
 use crate::classify::Classify;
 use crate::error::{RetryError, StopReason};
-use crate::future::{Prepared, ResponseFuture};
+use crate::future::ResponseFuture;
 use crate::layer::{ChangeRequest, Shared};
 use crate::observe::RetryInfo;
 use crate::request::RetryRequest;
@@ -73,9 +74,10 @@ where
     type Future = ResponseFuture<S, Req, C, H>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner
-            .poll_ready(cx)
-            .map_err(|e| RetryError::new(StopReason::NotRetryable, RetryInfo::empty(), Some(e)))
+        self.inner.poll_ready(cx).map_err(|e| {
+            let reason = StopReason::NotReady;
+            RetryError::new(reason.clone(), RetryInfo::refused(reason), Some(e))
+        })
     }
 
     fn call(&mut self, request: Req) -> Self::Future {

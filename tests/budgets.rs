@@ -336,7 +336,8 @@ async fn idle_keys_are_swept_after_their_ttl() {
 
 #[tokio::test(start_paused = true)]
 async fn a_store_denial_refunds_the_process_ratio() {
-    // The ratio allows one retry (its floor) less each failed retry; the task allows none.
+    // The ratio's floor (3 attempts a window, less the calls, less every unpaid retry) allows
+    // one retry to each of the first two calls; the task allows none.
     let budgets = Budgets::default()
         .per_task(Some(Limit::Count {
             max: 0,
@@ -344,7 +345,7 @@ async fn a_store_denial_refunds_the_process_ratio() {
         }))
         .ratio(Some(RatioConfig {
             ratio: 0.0,
-            floor: 1,
+            floor: 3,
             ..RatioConfig::default()
         }));
     let calls = Arc::new(AtomicU32::new(0));
@@ -370,7 +371,8 @@ async fn a_store_denial_refunds_the_process_ratio() {
         info(&r).outcome,
         CallOutcome::Stopped(StopReason::Exhausted { .. })
     ));
-    // That retry failed: the floor is spent (1 - 1 failed), and the ratio (0) says no.
+    // That retry failed: the floor is spent (3 - 3 calls, and an unpaid retry), and the
+    // ratio (0) says no.
     let r = svc.oneshot(request("/x", None, None)).await.unwrap();
     assert_eq!(budget_stop(info(&r)), (Scope::Process, None));
     assert_eq!(calls.load(Ordering::SeqCst), 1 + 2 + 1);

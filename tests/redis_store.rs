@@ -1275,3 +1275,33 @@ async fn a_redis_killed_and_restarted_empty_mid_handler_never_reruns_it() {
     assert_eq!(effects.load(Ordering::SeqCst), 1);
     drop(server);
 }
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_task_id_shape_is_charged_in_redis_too() {
+    let server = RedisServer::start();
+    let budgets = Budgets::default()
+        .ratio(None)
+        .per_task(Some(Limit::Count { max: 1, ttl: HOUR }))
+        .store(server.store("ids:"));
+    let calls = Arc::new(AtomicU32::new(0));
+    let svc = RetryLayer::new()
+        .policy(retries(3))
+        .budgets(budgets)
+        .layer(unavailable(calls.clone()));
+    let long = "t".repeat(10_000);
+    for id in ["short", long.as_str(), "tâche-1", "", "a\tb"] {
+        let mut req = request(None, None);
+        req.headers_mut().insert(
+            "x-task-id",
+            HeaderValue::from_bytes(id.as_bytes()).expect("a header value"),
+        );
+        let first = svc.clone().oneshot(req).await.expect("a response");
+        assert_eq!(retried(&first), 1, "{id:?}: its one retry");
+        let mut again = request(None, None);
+        again.headers_mut().insert(
+            "x-task-id",
+            HeaderValue::from_bytes(id.as_bytes()).expect("a header value"),
+        );
+        let second = svc.clone().oneshot(again).await.expect("a response");
+        assert_eq!(retried(&second), 0, "{id:?}: charged, so no second retry");
+    }
+}

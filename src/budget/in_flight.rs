@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// Settings of the cap on retries in flight: at most `max(min, share x active calls)`
 /// retry attempts may be outstanding (sent and not yet answered) at once, across every layer
 /// that shares one [`Budgets`](crate::Budgets). Envoy's default: 20% of active requests, at
-/// least 3. A call sleeping before its retry holds no slot; it takes one just before the
-/// retry is sent, and if none is free the retry is not sent: the call ends with the last
-/// failure and [`Scope::InFlight`](crate::budget::Scope::InFlight), and gives its share of
-/// the process ratio back (a task or user draw already taken stays spent).
+/// least 3. A call sleeping before its retry, or waiting for the inner service to be ready
+/// for it, holds no slot; it takes one once the service is ready, just before the retry is
+/// sent, and if none is free the retry is not sent: the call ends with the last failure and
+/// [`Scope::InFlight`](crate::budget::Scope::InFlight), and gives its share of the process
+/// ratio back (a task or user draw already taken stays spent). A retry that hangs holds its
+/// slot at most until the call's deadline (`max_total_time`), when the call ends.
 ///
 /// The ratio budget bounds retries over time; this cap bounds them at an instant, so that a
 /// burst of failures cannot turn into a burst of retries before the window notices.
@@ -103,7 +105,10 @@ impl InFlight {
 
     pub(crate) fn describe(&self) -> String {
         format!(
-            "retries in flight <= max({}, {} x {} active calls)",
+            "{} of {} retries in flight used (retries in flight <= max({}, {} x {} active \
+             calls)); change it with `Budgets::in_flight(Some(InFlightCap {{ .. }}))`",
+            self.retrying(),
+            self.allowed(),
             self.cap.min,
             self.cap.share,
             self.active()

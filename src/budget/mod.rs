@@ -10,27 +10,37 @@
 //! | [`Scope::InFlight`] | retries being sent at once <= max(3, 20% of active calls) ([`InFlightCap`]) | this process |
 //! | [`Scope::Process`] | retries <= 10% of calls over 10 s while retries fail, up to 150% while they succeed ([`RetryRatio`], [`RatioConfig`]) | this process |
 //!
-//! A request without a task id (or user id) is not charged to that scope.
+//! A request without a task id (or user id) is not charged to that scope. A request that
+//! carries one is always charged, whatever its shape (long, UTF-8, empty, control
+//! characters): long or unusual ids under a bounded digest (the `budget::ids` module).
 //!
 //! The decision order on a failed attempt: local checks first (attempts, deadline, key), then
 //! the process ratio (an atomic), then the task and user draws in **one** store call, all or
-//! nothing. A store denial refunds the process ratio, so nothing is drawn unless the retry
-//! really happens. A draw is spent when granted: a call whose future is dropped while it sleeps
-//! before the retry keeps the retry counted (the caller gave up, but the retry was decided; not
-//! refunding keeps a task that cancels and re-issues calls from escaping its budget).
+//! nothing. The process ratio's share is held by a guard until the retry is sent, and given
+//! back if it is not (a store denial, no slot in flight, the deadline, a caller who gave up):
+//! nothing is drawn from it unless the retry really happens. A task or user draw is spent when
+//! granted: a call whose future is dropped while it sleeps before the retry keeps that retry
+//! counted (not refunding keeps a task that cancels and re-issues calls from escaping its
+//! budget).
 
+mod ids;
 mod in_flight;
 mod memory;
+mod permit;
 mod ratio;
 #[cfg(feature = "redis")]
 mod redis;
+mod ring;
 
+pub(crate) use self::ids::budget_key;
 use self::in_flight::InFlight;
 pub use self::in_flight::InFlightCap;
 pub use self::memory::MemoryStore;
-pub use self::ratio::{RatioConfig, RetryRatio};
+pub(crate) use self::permit::{ActiveCall, RatioPermit, RetrySlot};
+pub use self::ratio::{DEFAULT_FLOOR, RatioConfig, RetryRatio};
 #[cfg(feature = "redis")]
 pub use self::redis::{DEFAULT_PREFIX, DEFAULT_TIMEOUT, RedisStore};
+pub use crate::store::StoreError;
 
 // The rule of the process ratio is documented on `RetryRatio`'s module (`ratio.rs`) and
 // summed up on `RatioConfig`'s fields.
@@ -133,8 +143,6 @@ pub enum Grant {
         retry_in: Option<Duration>,
     },
 }
-
-pub use crate::store::StoreError;
 
 /// Where task and user budgets live: [`MemoryStore`] in one process, `RedisStore` (feature
 /// `redis`) across processes.
@@ -295,48 +303,27 @@ impl Budgets {
         self.ratio.as_deref()
     }
 
-    /// A logical call started. On the success path: one atomic.
+    /// A logical call started: a deposit into the process ratio (one atomic). The clock
+    /// reading serves the deadline too.
     #[inline]
     pub(crate) fn on_call(&self, now: tokio::time::Instant) {
         if let Some(r) = &self.ratio {
             r.deposit_at(now);
         }
-        if let Some(f) = &self.in_flight {
-            f.call_started();
-        }
     }
 
-    /// A logical call ended (its future was dropped). `holds_slot`: a retry it was granted
-    /// had not answered yet.
-    pub(crate) fn on_call_end(&self, holds_slot: bool) {
-        if let Some(f) = &self.in_flight {
-            f.call_ended();
-            if holds_slot {
-                f.release();
-            }
-        }
+    /// The call is active (for the in-flight cap) until the guard is dropped.
+    #[inline]
+    pub(crate) fn active_call(&self) -> ActiveCall {
+        ActiveCall::new(self.in_flight.as_ref())
     }
 
-    /// Takes a retry-in-flight slot just before a retry is sent; the error says the limit.
-    /// Held until [`Budgets::release_slot`] or [`Budgets::on_call_end`].
-    pub(crate) fn take_slot(&self) -> Result<(), String> {
+    /// Takes a retry-in-flight slot once the inner service is ready for the retry; the
+    /// error says the limit. Held until the guard is dropped (`None`: no cap).
+    pub(crate) fn take_slot(&self) -> Result<Option<RetrySlot>, String> {
         match &self.in_flight {
-            Some(f) if !f.try_take() => Err(f.describe()),
-            _ => Ok(()),
-        }
-    }
-
-    /// Gives back a retry the process ratio granted but that was not sent.
-    pub(crate) fn refund_process(&self) {
-        if let Some(r) = &self.ratio {
-            r.refund();
-        }
-    }
-
-    /// A retry's attempt answered: its in-flight slot is free again.
-    pub(crate) fn release_slot(&self) {
-        if let Some(f) = &self.in_flight {
-            f.release();
+            Some(f) => RetrySlot::try_take(f).map(Some).ok_or_else(|| f.describe()),
+            None => Ok(None),
         }
     }
 
@@ -349,35 +336,35 @@ impl Budgets {
 
     /// Asks every budget for one retry. `Ready` when no store call is needed.
     pub(crate) fn acquire(&self, task: Option<String>, user: Option<String>) -> Acquire {
-        if let Some(r) = &self.ratio {
-            if !r.try_withdraw() {
+        let permit = match &self.ratio {
+            Some(r) if !r.try_withdraw() => {
                 return Acquire::Ready(Verdict::Denied {
                     scope: Scope::Process,
                     key: None,
                     limit: r.describe(),
                 });
             }
-        }
+            Some(r) => RatioPermit::withdrawn(r.clone()),
+            None => RatioPermit::none(),
+        };
         let mut draws = Vec::new();
-        if let (Some(limit), Some(key)) = (self.per_task, task) {
-            draws.push(Draw {
-                scope: Scope::Task,
-                key,
-                limit,
-            });
-        }
-        if let (Some(limit), Some(key)) = (self.per_user, user) {
-            draws.push(Draw {
-                scope: Scope::User,
-                key,
-                limit,
-            });
+        for (scope, limit, id) in [
+            (Scope::Task, self.per_task, task),
+            (Scope::User, self.per_user, user),
+        ] {
+            if let (Some(limit), Some(id)) = (limit, id) {
+                // Any id is charged; an unusual one under its bounded digest.
+                let key = match budget_key(&id) {
+                    std::borrow::Cow::Borrowed(_) => id,
+                    std::borrow::Cow::Owned(digest) => digest,
+                };
+                draws.push(Draw { scope, key, limit });
+            }
         }
         if draws.is_empty() {
-            return Acquire::Ready(Verdict::Granted);
+            return Acquire::Ready(Verdict::Granted(permit));
         }
         let store = self.store.clone();
-        let ratio = self.ratio.clone();
         let timeout = self.store_timeout;
         let on_error = self.on_store_error;
         Acquire::Pending(Box::pin(async move {
@@ -386,43 +373,49 @@ impl Budgets {
                 .map(|d| (d.scope, d.key.clone(), d.limit))
                 .collect();
             let answer = tokio::time::timeout(timeout, store.draw(draws)).await;
-            let refund = || {
-                if let Some(r) = &ratio {
-                    r.refund();
-                }
-            };
+            // A refusal drops `permit`: the process ratio gets its retry back.
             match answer {
-                Ok(Ok(Grant::Granted)) => Verdict::Granted,
-                Ok(Ok(Grant::Denied { scope, .. })) => {
-                    refund();
+                Ok(Ok(Grant::Granted)) => Verdict::Granted(permit),
+                Ok(Ok(Grant::Denied { scope, retry_in })) => {
                     let (key, limit) = keys
                         .into_iter()
                         .find(|(s, _, _)| *s == scope)
-                        .map(|(_, k, l)| (Some(k), l.to_string()))
+                        .map(|(_, k, l)| (Some(k), describe_denial(scope, l, retry_in)))
                         .unwrap_or((None, String::new()));
                     Verdict::Denied { scope, key, limit }
                 }
-                Ok(Err(e)) => store_failure(on_error, e.to_string(), refund),
-                Err(_) => store_failure(on_error, format!("no answer within {timeout:?}"), refund),
+                Ok(Err(e)) => store_failure(on_error, e.to_string(), permit),
+                Err(_) => store_failure(on_error, format!("no answer within {timeout:?}"), permit),
             }
         }))
     }
 }
 
-fn store_failure(on_error: OnStoreError, error: String, refund: impl FnOnce()) -> Verdict {
+/// A task or user denial in words: how full, the limit, when it frees up, how to change it.
+fn describe_denial(scope: Scope, limit: Limit, retry_in: Option<Duration>) -> String {
+    let full = match limit {
+        Limit::Count { max, .. } => format!("{max} of {max} used"),
+        Limit::Rate { .. } => "no token left".to_owned(),
+    };
+    let again = match retry_in {
+        Some(d) => format!("; next in {d:.1?}"),
+        None => String::new(),
+    };
+    format!("{full}: {limit}{again}; change it with `Budgets::per_{scope}`")
+}
+
+fn store_failure(on_error: OnStoreError, error: String, permit: RatioPermit) -> Verdict {
     match on_error {
-        OnStoreError::FailOpen => Verdict::Granted,
-        OnStoreError::FailClosed => {
-            refund();
-            Verdict::StoreUnavailable(error)
-        }
+        OnStoreError::FailOpen => Verdict::Granted(permit),
+        // Dropping the permit gives the ratio its retry back.
+        OnStoreError::FailClosed => Verdict::StoreUnavailable(error),
     }
 }
 
 /// The budgets' answer to one retry.
 #[derive(Debug)]
 pub(crate) enum Verdict {
-    Granted,
+    Granted(RatioPermit),
     Denied {
         scope: Scope,
         key: Option<String>,

@@ -19,7 +19,7 @@
 //!
 //! | key | value | expires |
 //! |---|---|---|
-//! | `<prefix>b:c:<scope>:<id>` ([`Limit::Count`]) | the count, decimal | `ttl` after the last granted draw |
+//! | `<prefix>b:c:<scope>:<id>` ([`Limit::Count`]; an id longer than 64 bytes or outside `[A-Za-z0-9._:@/+=-]` as `#` + its XXH3-128 in hex) | the count, decimal | `ttl` after the last granted draw |
 //! | `<prefix>b:r:<scope>:<id>` ([`Limit::Rate`]) | GCRA's theoretical arrival time, µs of Redis time | when the bucket is full again |
 //! | `<prefix>i:<scoped key>` (idempotency) | a hash: `s` state (`F` in flight, `D` done), `f` fingerprint and `t` claim token (16 bytes each, big endian), `l` lease end (ms, Redis clock) while in flight, `r` the response once done | the claim's record (the TTL, so an abandoned claim answers "outcome unknown" and is never simply claimed again); then the result's TTL |
 //! | `<prefix>ip:<principal>` (`g`, or `p:<length>:<principal>`) | a sorted set of the principal's idempotency keys, scored by their expiry (ms): its share ([`RedisStore::max_keys_per_principal`]) | with its longest-lived key |
@@ -396,11 +396,12 @@ impl RedisStore {
             Limit::Count { .. } => "c",
             Limit::Rate { .. } => "r",
         };
+        // Any id, bounded: a long or unusual one under its digest (as `Budgets` sends it).
         format!(
             "{}b:{kind}:{}:{}",
             self.prefix,
             draw.scope.as_str(),
-            draw.key
+            super::budget_key(&draw.key)
         )
     }
 

@@ -26,8 +26,10 @@ use crate::RetryInfo;
 /// On a failed status, the provider's `x-should-retry: true|false` header overrides the
 /// table (as in the OpenAI and Anthropic SDKs). The server's wait hint is read in the SDKs'
 /// order: `retry-after-ms` (milliseconds), then `Retry-After` as delta-seconds or as an
-/// HTTP-date. A hint that does not parse (negative, not a number, a date in the past,
-/// absurdly large) is ignored: the layer falls back to its backoff.
+/// HTTP-date. A hint past the policy's cap stops the retries however it is written: a number
+/// too large for a `Duration` (`99999999999999999999`) or a date far in the future counts as
+/// too long, never as unreadable. Only a hint that does not parse (negative, not a number,
+/// a date in the past) is ignored: the layer falls back to its backoff.
 ///
 /// Transport errors (`Err`) are classified by [`Errors`](crate::classify::Errors). A response that an inner retry
 /// layer of this crate already returned (it carries a [`RetryInfo`]) with a failing status is
@@ -139,11 +141,12 @@ pub fn parse_retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
     (!wait.is_zero()).then_some(wait)
 }
 
-/// A non-negative decimal number times `unit` seconds. Rejects signs, exponents, NaN,
-/// infinities and values too large for a `Duration`.
+/// A non-negative decimal number times `unit` seconds. Rejects signs, exponents, NaN and
+/// infinities; a number too large for a `Duration`, however it is written, is
+/// `Duration::MAX` (a hint past any cap, which stops the retries, never an ignored one).
 fn parse_non_negative(value: &[u8], unit: f64) -> Option<Duration> {
     let text = std::str::from_utf8(value).ok()?.trim();
-    if text.is_empty() || text.len() > 32 {
+    if text.is_empty() {
         return None;
     }
     let mut dots = 0;
@@ -159,7 +162,9 @@ fn parse_non_negative(value: &[u8], unit: f64) -> Option<Duration> {
     }
     let number: f64 = text.parse().ok()?;
     let secs = number * unit;
-    Duration::try_from_secs_f64(secs).ok()
+    // Digits only, so the number is finite or +inf, never negative or NaN: too large is
+    // the only way to fail.
+    Some(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
 }
 
 impl<B, E: AsError> Classify<Response<B>, E> for LlmHttp {

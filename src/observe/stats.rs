@@ -1,126 +1,25 @@
-//! What the layer tells: [`RetryInfo`] on every response and error.
+//! [`RetryStats`]: per operation and error kind, windowed, with a health verdict; a bounded
+//! number of operations.
 
-use std::fmt;
 use std::time::Duration;
 
 use crate::classify::ErrorKind;
 use crate::error::StopReason;
-use crate::request::{IdempotencyKey, Operation};
 
-/// How a logical call ended.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CallOutcome {
-    /// The first attempt succeeded.
-    Succeeded,
-    /// An attempt succeeded after at least one retry.
-    Recovered,
-    /// The layer stopped on a failure, for this reason.
-    Stopped(StopReason),
-}
-
-impl CallOutcome {
-    /// A short, stable name: `succeeded`, `recovered`, or the stop reason's name.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            CallOutcome::Succeeded => "succeeded",
-            CallOutcome::Recovered => "recovered",
-            CallOutcome::Stopped(reason) => reason.as_str(),
-        }
-    }
-
-    /// Whether the call ended in a success.
-    pub fn is_success(&self) -> bool {
-        matches!(self, CallOutcome::Succeeded | CallOutcome::Recovered)
-    }
-}
-
-impl fmt::Display for CallOutcome {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CallOutcome::Stopped(reason) => write!(f, "stopped: {reason}"),
-            other => f.write_str(other.as_str()),
-        }
-    }
-}
-
-/// What the layer did for one logical call. In the response's extensions (HTTP) and in
-/// [`RetryError::info`](crate::RetryError::info).
-#[derive(Debug, Clone, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RetryInfo {
-    /// Attempts made (1 when the first succeeded; 0 when nothing was sent).
-    pub attempts: u32,
-    /// Retries made (attempts - 1).
-    pub retries: u32,
-    /// Time slept between attempts.
-    pub total_delay: Duration,
-    /// Time from the first attempt to the end.
-    pub elapsed: Duration,
-    /// The idempotency key sent on every attempt, if any.
-    pub key: Option<IdempotencyKey>,
-    /// The kind of the last failed attempt, if any.
-    pub last_error: Option<ErrorKind>,
-    /// How the call ended.
-    pub outcome: CallOutcome,
-    /// The operation's name; set when at least one attempt failed.
-    pub operation: Option<Operation>,
-}
-
-impl RetryInfo {
-    pub(crate) fn empty() -> Self {
-        RetryInfo {
-            attempts: 0,
-            retries: 0,
-            total_delay: Duration::ZERO,
-            elapsed: Duration::ZERO,
-            key: None,
-            last_error: None,
-            outcome: CallOutcome::Succeeded,
-            operation: None,
-        }
-    }
-}
-
-use std::hash::{Hash, Hasher};
+use std::hash::Hasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use dashmap::DashMap;
 use tokio::time::Instant;
 
 use crate::budget::Scope;
 
-/// A reviewer's verdict on one operation, from the last minute of calls.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Health {
-    /// Few retries, few failures.
-    Healthy,
-    /// Retries are spiking but end in success: the upstream is unstable but recoverable.
-    UnstableRecovering,
-    /// Calls fail after their retries (or are denied them): the upstream issue surfaces.
-    Failing,
-}
-
-impl Health {
-    /// `healthy`, `unstable_recovering`, `failing`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Health::Healthy => "healthy",
-            Health::UnstableRecovering => "unstable_recovering",
-            Health::Failing => "failing",
-        }
-    }
-}
-
-impl fmt::Display for Health {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Health::Healthy => "healthy",
-            Health::UnstableRecovering => "unstable but recovering",
-            Health::Failing => "failing",
-        })
-    }
-}
+pub use super::health::Health;
+use super::health::health_of;
+use super::operation::OpKey;
+pub use super::operation::{DEFAULT_MAX_OPERATIONS, OVERFLOW_OPERATION};
+pub use super::snapshot::{KindSnapshot, Window};
 
 const KINDS: usize = ErrorKind::ALL.len();
 const BUCKET_SECS: u64 = 10;
@@ -177,6 +76,13 @@ impl OpStats {
 /// retries, recoveries, exhaustions, budget denials and refusals, with windowed rates over
 /// the last minute and ten minutes and a [`Health`] verdict.
 ///
+/// At most [`DEFAULT_MAX_OPERATIONS`] operations are tracked (or the number given to
+/// [`RetryStats::with_max_operations`]); the calls of any further operation are counted
+/// under one name, [`OVERFLOW_OPERATION`], and a warning says so once. Each tracked
+/// operation takes about 3.6 KB, so the stats stay under 4 MB by default, whatever the
+/// number of distinct paths (metric labels are bounded the same way). The default operation
+/// name already collapses ids in paths (`GET /v1/batches/{id}`).
+///
 /// The success path touches one sharded map read and two relaxed atomics of its operation;
 /// no lock is held that two threads wait for. Windowed counts are approximate under heavy
 /// concurrency when a bucket rolls over (a few events may land in the old bucket).
@@ -185,7 +91,7 @@ pub struct RetryStats {
     inner: Arc<StatsInner>,
 }
 
-/// The map's keys are already SipHash outputs: hashing them again is wasted work on the
+/// The map's keys are already FNV-1a outputs: hashing them again is wasted work on the
 /// success path.
 #[derive(Debug, Clone, Copy, Default)]
 struct PassThrough(u64);
@@ -210,51 +116,17 @@ type OpMap = DashMap<u64, Arc<OpStats>, std::hash::BuildHasherDefault<PassThroug
 struct StatsInner {
     ops: OpMap,
     origin: Instant,
+    max_ops: usize,
+    /// Operations tracked (the overflow entry not included).
+    tracked: AtomicUsize,
+    /// The overflow entry (also in `ops`, under its name's key).
+    overflow: Arc<OpStats>,
+    warned: AtomicBool,
 }
 
 impl Default for RetryStats {
     fn default() -> Self {
         RetryStats::new()
-    }
-}
-
-/// A windowed summary of one operation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub struct Window {
-    /// Logical calls.
-    pub calls: u64,
-    /// Retries made.
-    pub retries: u64,
-    /// Calls that succeeded after a retry.
-    pub recovered: u64,
-    /// Calls that ended on a retryable failure (exhausted, deadline, denied...).
-    pub failed: u64,
-}
-
-/// The totals of one operation and error kind.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-#[non_exhaustive]
-pub struct KindSnapshot {
-    /// Failed attempts.
-    pub failures: u64,
-    /// Retries made after such a failure.
-    pub retries: u64,
-    /// Calls that succeeded in the end.
-    pub recovered: u64,
-    /// Calls that ran out of attempts or time.
-    pub exhausted: u64,
-    /// Calls denied by a budget: operation, task, user, process, in flight, store
-    /// unavailable.
-    pub denied: [u64; 6],
-    /// Calls not retried for another reason.
-    pub not_retried: u64,
-}
-
-impl KindSnapshot {
-    /// Calls denied by any budget (or an unavailable store).
-    pub fn denied_total(&self) -> u64 {
-        self.denied.iter().sum()
     }
 }
 
@@ -265,35 +137,6 @@ fn scope_index(scope: Scope) -> usize {
         Scope::User => 2,
         Scope::Process => 3,
         Scope::InFlight => 4,
-    }
-}
-
-/// The stats key of an operation: a hash of its name, or of method and path, so that the
-/// success path never formats a name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct OpKey(pub(crate) u64);
-
-impl OpKey {
-    const SEED: u64 = 0xcbf2_9ce4_8422_2325;
-
-    /// FNV-1a: byte-wise, so hashing the pieces of a name in a row equals hashing the name.
-    fn feed(mut h: u64, bytes: &[u8]) -> u64 {
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        h
-    }
-
-    pub(crate) fn of_name(name: &str) -> Self {
-        OpKey(Self::feed(Self::SEED, name.as_bytes()))
-    }
-
-    pub(crate) fn of_method_path(method: &http::Method, path: &str) -> Self {
-        // Must equal `of_name(format!("{method} {path}"))`, which names the entry.
-        let h = Self::feed(Self::SEED, method.as_str().as_bytes());
-        let h = Self::feed(h, b" ");
-        OpKey(Self::feed(h, path.as_bytes()))
     }
 }
 
@@ -310,14 +153,32 @@ impl OpHandle {
 }
 
 impl RetryStats {
-    /// Empty stats.
+    /// Empty stats, tracking at most [`DEFAULT_MAX_OPERATIONS`] operations.
     pub fn new() -> Self {
+        RetryStats::with_max_operations(DEFAULT_MAX_OPERATIONS)
+    }
+
+    /// Empty stats tracking at most `max` operations; the rest are counted under
+    /// [`OVERFLOW_OPERATION`].
+    pub fn with_max_operations(max: usize) -> Self {
+        let overflow = Arc::new(OpStats::new(OVERFLOW_OPERATION.to_owned()));
+        let ops = OpMap::default();
+        ops.insert(OpKey::of_name(OVERFLOW_OPERATION).0, overflow.clone());
         RetryStats {
             inner: Arc::new(StatsInner {
-                ops: OpMap::default(),
+                ops,
                 origin: Instant::now(),
+                max_ops: max,
+                tracked: AtomicUsize::new(0),
+                overflow,
+                warned: AtomicBool::new(false),
             }),
         }
+    }
+
+    /// Operations tracked now (the overflow entry not included); at most the cap.
+    pub fn tracked_operations(&self) -> usize {
+        self.inner.tracked.load(Relaxed)
     }
 
     fn epoch(&self) -> u64 {
@@ -331,16 +192,43 @@ impl RetryStats {
     /// The entry of an operation, made (and named) on first sight. One map read on the
     /// success path.
     pub(crate) fn handle(&self, key: OpKey, name: impl FnOnce() -> String) -> OpHandle {
-        if let Some(op) = self.inner.ops.get(&key.0) {
+        let inner = &*self.inner;
+        if let Some(op) = inner.ops.get(&key.0) {
             return OpHandle(op.clone());
         }
-        OpHandle(
-            self.inner
-                .ops
-                .entry(key.0)
-                .or_insert_with(|| Arc::new(OpStats::new(name())))
-                .clone(),
-        )
+        // A new operation: only if the cap has room (reserved first, so racing callers
+        // never pass it).
+        let reserved = inner
+            .tracked
+            .fetch_update(Relaxed, Relaxed, |n| (n < inner.max_ops).then_some(n + 1))
+            .is_ok();
+        if !reserved {
+            if !inner.warned.swap(true, Relaxed) {
+                tracing::warn!(
+                    target: "tower_retry_guard",
+                    max_operations = inner.max_ops,
+                    "retry stats track at most {} operations; further ones are counted as \
+                     `{OVERFLOW_OPERATION}` (name operations with a route template: an \
+                     `Operation` extension or `RetryLayer::operation_fn`)",
+                    inner.max_ops
+                );
+            }
+            return OpHandle(inner.overflow.clone());
+        }
+        let mut made = false;
+        let op = inner
+            .ops
+            .entry(key.0)
+            .or_insert_with(|| {
+                made = true;
+                Arc::new(OpStats::new(name()))
+            })
+            .clone();
+        if !made {
+            // Another caller made it in between: give the reservation back.
+            inner.tracked.fetch_sub(1, Relaxed);
+        }
+        OpHandle(op)
     }
 
     fn with_handle(&self, handle: &OpHandle, now: Instant, f: impl FnOnce(&OpStats, &Bucket)) {
@@ -450,9 +338,16 @@ impl RetryStats {
         });
     }
 
-    /// The operations seen, by name.
+    /// The operations seen, by name ([`OVERFLOW_OPERATION`] once it counted a call).
     pub fn operations(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.inner.ops.iter().map(|e| e.name.clone()).collect();
+        let overflow = &self.inner.overflow;
+        let mut names: Vec<String> = self
+            .inner
+            .ops
+            .iter()
+            .filter(|e| !Arc::ptr_eq(e.value(), overflow) || overflow.calls.load(Relaxed) > 0)
+            .map(|e| e.name.clone())
+            .collect();
         names.sort();
         names
     }
@@ -548,172 +443,6 @@ impl RetryStats {
     }
 }
 
-fn health_of(w: &Window) -> Health {
-    if w.calls == 0 {
-        return Health::Healthy;
-    }
-    let failed_share = w.failed as f64 / w.calls as f64;
-    let retry_share = w.retries as f64 / w.calls as f64;
-    if failed_share >= 0.05 && w.failed >= w.recovered {
-        Health::Failing
-    } else if retry_share >= 0.05 || w.failed > 0 {
-        Health::UnstableRecovering
-    } else {
-        Health::Healthy
-    }
-}
-
-impl fmt::Display for RetryStats {
-    /// A table: per operation, calls and retries over the last minute and all time, then a
-    /// row per error kind seen.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "{:<32} {:>8} {:>8} {:>9} {:>9} {:>7} {:>11}  health (last minute)",
-            "operation / error kind",
-            "calls",
-            "retries",
-            "recovered",
-            "exhausted",
-            "denied",
-            "not retried"
-        )?;
-        for name in self.operations() {
-            let t = self.totals(&name);
-            let w = self.last_minute(&name);
-            writeln!(
-                f,
-                "{:<32} {:>8} {:>8} {:>9} {:>9} {:>7} {:>11}  {} ({} calls, {} retries, {} recovered, {} failed)",
-                truncate(&name, 32),
-                self.calls(&name),
-                t.retries,
-                t.recovered,
-                t.exhausted,
-                t.denied_total(),
-                t.not_retried,
-                health_of(&w),
-                w.calls,
-                w.retries,
-                w.recovered,
-                w.failed,
-            )?;
-            for kind in ErrorKind::ALL {
-                let k = self.kind(&name, kind);
-                if k.failures == 0 {
-                    continue;
-                }
-                writeln!(
-                    f,
-                    "  {:<30} {:>8} {:>8} {:>9} {:>9} {:>7} {:>11}",
-                    kind.as_str(),
-                    "",
-                    k.retries,
-                    k.recovered,
-                    k.exhausted,
-                    k.denied_total(),
-                    k.not_retried
-                )?;
-            }
-        }
-        Ok(())
-    }
-}
-
-fn truncate(s: &str, n: usize) -> &str {
-    match s.char_indices().nth(n) {
-        Some((i, _)) => &s[..i],
-        None => s,
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use proptest::prelude::*;
-
-    #[test]
-    fn op_key_of_method_path_equals_of_name() {
-        let paths = [
-            "",
-            "/",
-            "/x",
-            "/v1/chat/completions",
-            "/v1/messages/batches/msgbatch_0123456789abcdef/results",
-            "/ünïcödé/路径",
-            "/exactly8",
-            "/1234567",
-        ];
-        let methods = [
-            http::Method::GET,
-            http::Method::POST,
-            http::Method::PUT,
-            http::Method::DELETE,
-            http::Method::PATCH,
-            http::Method::from_bytes(b"PURGE").unwrap(),
-        ];
-        for m in &methods {
-            for p in paths {
-                assert_eq!(
-                    OpKey::of_method_path(m, p),
-                    OpKey::of_name(&format!("{m} {p}")),
-                    "{m} {p}"
-                );
-            }
-        }
-        assert_ne!(
-            OpKey::of_method_path(&http::Method::GET, "/a"),
-            OpKey::of_method_path(&http::Method::GET, "/b")
-        );
-        assert_ne!(
-            OpKey::of_method_path(&http::Method::GET, "/a"),
-            OpKey::of_method_path(&http::Method::POST, "/a")
-        );
-    }
-
-    proptest! {
-        #[test]
-        fn op_key_streaming_equivalence(method in "[A-Z]{1,12}", path in "/\\PC{0,60}") {
-            let m = http::Method::from_bytes(method.as_bytes()).unwrap();
-            prop_assert_eq!(
-                OpKey::of_method_path(&m, &path),
-                OpKey::of_name(&format!("{m} {path}"))
-            );
-        }
-    }
-
-    #[test]
-    fn stats_find_an_entry_keyed_by_method_and_path_by_its_name() {
-        let stats = RetryStats::new();
-        let key = OpKey::of_method_path(&http::Method::POST, "/v1/messages");
-        let handle = stats.handle(key, || "POST /v1/messages".to_owned());
-        stats.record_success(&handle, Instant::now(), None);
-        // A second handle for the same key finds the entry, and never names it again.
-        let again = stats.handle(key, || unreachable!("the entry exists"));
-        stats.record_retry(&again, ErrorKind::Overloaded, Duration::from_millis(100));
-        assert_eq!(stats.calls("POST /v1/messages"), 1);
-        assert_eq!(
-            stats
-                .kind("POST /v1/messages", ErrorKind::Overloaded)
-                .retries,
-            1
-        );
-        assert_eq!(again.name(), "POST /v1/messages");
-    }
-
-    #[test]
-    fn health_thresholds() {
-        let w = |calls, retries, recovered, failed| Window {
-            calls,
-            retries,
-            recovered,
-            failed,
-        };
-        assert_eq!(health_of(&w(0, 0, 0, 0)), Health::Healthy);
-        assert_eq!(health_of(&w(100, 4, 4, 0)), Health::Healthy);
-        assert_eq!(health_of(&w(100, 5, 5, 0)), Health::UnstableRecovering);
-        assert_eq!(health_of(&w(100, 50, 40, 10)), Health::UnstableRecovering);
-        assert_eq!(health_of(&w(100, 1, 0, 1)), Health::UnstableRecovering);
-        assert_eq!(health_of(&w(100, 30, 5, 5)), Health::Failing);
-        assert_eq!(health_of(&w(10, 30, 0, 10)), Health::Failing);
-    }
-}
+#[path = "stats_tests.rs"]
+mod tests;

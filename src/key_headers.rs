@@ -1,0 +1,83 @@
+//! The key and attempt headers: read, validated, stamped.
+
+use std::borrow::Cow;
+
+use http::header::HeaderName;
+use http::{HeaderMap, HeaderValue};
+
+use super::{HeaderNames, IdempotencyKey, InvalidKey};
+
+/// The key in a request's headers, validated.
+pub(crate) fn key_from_headers(
+    headers: &HeaderMap,
+    names: &HeaderNames,
+) -> Result<Option<IdempotencyKey>, InvalidKey> {
+    match single_header(headers, &names.idempotency_key)? {
+        Some(v) => IdempotencyKey::from_header(v).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// The one rule for the key a request carries: its header (validated: an invalid one is
+/// an error, never sent) and its [`IdempotencyKey`] extension must agree when both are
+/// there; either alone is the key. The layer's closure and minting come after, only for a
+/// request that carries none.
+pub(crate) fn key_of_parts(
+    headers: &HeaderMap,
+    extension: Option<&IdempotencyKey>,
+    names: &HeaderNames,
+) -> Result<Option<IdempotencyKey>, InvalidKey> {
+    let header = key_from_headers(headers, names)?;
+    match (header, extension) {
+        (Some(h), Some(e)) if h != *e => Err(InvalidKey {
+            problem: Cow::Owned(format!(
+                "the header names `{}` and the IdempotencyKey extension `{}`: one request, \
+                 one key",
+                h.as_str(),
+                e.as_str()
+            )),
+        }),
+        (Some(h), _) => Ok(Some(h)),
+        (None, e) => Ok(e.cloned()),
+    }
+}
+
+/// The one value of a key header. Two values (two header lines, or lists joined into one
+/// field) name two keys: which one a server dedupes on is anyone's guess, so it is invalid
+/// (a structured-field Item cannot be a list).
+pub(crate) fn single_header<'a>(
+    headers: &'a HeaderMap,
+    name: &HeaderName,
+) -> Result<Option<&'a HeaderValue>, InvalidKey> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next();
+    if values.next().is_some() {
+        return Err(InvalidKey::new("more than one idempotency key header"));
+    }
+    Ok(first)
+}
+
+/// Stamps the key, unless the request sent one itself: that one is never replaced, not
+/// even by its quoted form.
+pub(crate) fn stamp_key(headers: &mut HeaderMap, key: &IdempotencyKey, names: &HeaderNames) {
+    if !headers.contains_key(&names.idempotency_key) {
+        headers.insert(names.idempotency_key.clone(), key.header_value().clone());
+    }
+}
+
+/// Stamps the attempt number, if the layer sends one.
+pub(crate) fn stamp_attempt(headers: &mut HeaderMap, attempt: u32, names: &HeaderNames) {
+    if let Some(name) = &names.attempt {
+        headers.insert(name.clone(), attempt_header(attempt));
+    }
+}
+
+const ATTEMPT_VALUES: [&str; 11] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10"];
+
+/// The header value for an attempt number, without allocating for small numbers.
+pub(crate) fn attempt_header(attempt: u32) -> HeaderValue {
+    match ATTEMPT_VALUES.get(attempt as usize) {
+        Some(s) => HeaderValue::from_static(s),
+        None => HeaderValue::from(attempt),
+    }
+}

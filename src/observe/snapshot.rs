@@ -1,0 +1,41 @@
+//! Read-only summaries of the stats: [`Window`], [`KindSnapshot`].
+
+/// A windowed summary of one operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct Window {
+    /// Logical calls.
+    pub calls: u64,
+    /// Retries made.
+    pub retries: u64,
+    /// Calls that succeeded after a retry.
+    pub recovered: u64,
+    /// Calls that ended on a retryable failure (exhausted, deadline, denied...).
+    pub failed: u64,
+}
+
+/// The totals of one operation and error kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct KindSnapshot {
+    /// Failed attempts.
+    pub failures: u64,
+    /// Retries made after such a failure.
+    pub retries: u64,
+    /// Calls that succeeded in the end.
+    pub recovered: u64,
+    /// Calls that ran out of attempts or time.
+    pub exhausted: u64,
+    /// Calls denied by a budget: operation, task, user, process, in flight, store
+    /// unavailable.
+    pub denied: [u64; 6],
+    /// Calls not retried for another reason.
+    pub not_retried: u64,
+}
+
+impl KindSnapshot {
+    /// Calls denied by any budget (or an unavailable store).
+    pub fn denied_total(&self) -> u64 {
+        self.denied.iter().sum()
+    }
+}
