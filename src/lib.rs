@@ -99,6 +99,8 @@ mod future;
 mod layer;
 mod observe;
 mod policy;
+#[cfg(feature = "redis")]
+mod redis;
 mod report;
 mod request;
 #[cfg(feature = "reqwest")]
@@ -109,8 +111,6 @@ mod store;
 
 pub use crate::backoff::{Backoff, Jitter};
 pub use crate::body::{BufferErrorBodyLayer, BufferRequestBodyLayer, BufferedBody, ErrorBody};
-#[cfg(feature = "redis")]
-pub use crate::budget::RedisStore;
 pub use crate::budget::{BudgetStore, Budgets, MemoryStore};
 pub use crate::classify::{Classify, ErrorKind, LlmHttp, Outcome};
 pub use crate::error::{RetryError, StopReason};
@@ -123,6 +123,8 @@ pub use crate::observe::{
 pub use crate::policy::{
     MAX_RETRIES_LIMIT, MAX_TOTAL_TIME_LIMIT, PolicyError, RetryPolicy, RetryPolicyBuilder,
 };
+#[cfg(feature = "redis")]
+pub use crate::redis::RedisStore;
 pub use crate::request::{
     CloneBody, HeaderNames, IdempotencyKey, InvalidKey, MAX_KEY_LEN, Operation, RequestView,
     RetryRequest, SideEffect, TaskId, UserId,

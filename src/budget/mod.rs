@@ -28,8 +28,6 @@ mod in_flight;
 mod memory;
 mod permit;
 mod ratio;
-#[cfg(feature = "redis")]
-mod redis;
 mod ring;
 
 pub(crate) use self::ids::budget_key;
@@ -38,8 +36,6 @@ pub use self::in_flight::InFlightCap;
 pub use self::memory::MemoryStore;
 pub(crate) use self::permit::{ActiveCall, RatioPermit, RetrySlot};
 pub use self::ratio::{DEFAULT_FLOOR, RatioConfig, RetryRatio};
-#[cfg(feature = "redis")]
-pub use self::redis::{DEFAULT_PREFIX, DEFAULT_TIMEOUT, RedisStore};
 pub use crate::store::StoreError;
 
 // The rule of the process ratio is documented on `RetryRatio`'s module (`ratio.rs`) and

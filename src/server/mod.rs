@@ -102,9 +102,6 @@ pub use self::memory::{MemoryIdempotencyStore, MemoryIdempotencyStoreBuilder};
 pub use self::store::{
     Begin, Claim, ClaimToken, Fingerprint, IdempotencyStore, Ownership, ScopedKey, Stored,
 };
-/// The Redis store also holds idempotency keys (feature `redis`).
-#[cfg(feature = "redis")]
-pub use crate::budget::RedisStore;
 
 use std::any::Any;
 use std::future::Future;

@@ -1,0 +1,216 @@
+//! The budget half of [`RedisStore`]: one script call per decision, all draws or none.
+
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use ::redis::{Script, Value};
+
+use super::{RedisStore, micros, millis, store_error};
+use crate::budget::{BudgetStore, Draw, Grant, Limit};
+use crate::store::StoreError;
+
+/// The longest GCRA emission interval, in µs (about 31 years: "never refills").
+const MAX_INTERVAL_US: u64 = 1_000_000_000_000_000;
+/// The largest GCRA tolerance, in µs (about 127 years). With Redis's clock (~1.8e15 µs) and
+/// one interval, every GCRA time stays below 2^53: exact in Lua's doubles.
+const MAX_TOLERANCE_US: u64 = 4_000_000_000_000_000;
+
+/// Budget draws: `KEYS[i]` is draw `i`'s key; `ARGV[4i-3..4i]` its kind (`c` count, `r`
+/// rate) and three numbers: count `max`, `ttl` (ms), whether a wait is known (`1`/`0`); or
+/// rate interval (µs), tolerance (µs), whether a wait is known.
+///
+/// Answers `{1}` (granted) or `{0, i, wait_us}` (draw `i` refused; `wait_us` -1 if unknown).
+const DRAW_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local state = {}
+for i = 1, #KEYS do
+  local k = KEYS[i]
+  local base = (i - 1) * 4
+  local kind = ARGV[base + 1]
+  local a = tonumber(ARGV[base + 2])
+  local b = tonumber(ARGV[base + 3])
+  local known = ARGV[base + 4] == '1'
+  local cur = state[k]
+  if cur == nil then
+    local raw = redis.call('GET', k)
+    if raw then
+      cur = tonumber(raw)
+      if cur == nil then
+        return redis.error_reply('malformed budget value at ' .. k)
+      end
+    else
+      cur = 0
+    end
+  end
+  if kind == 'c' then
+    if cur >= a then
+      local wait = -1
+      if known then
+        local pttl = redis.call('PTTL', k)
+        if pttl >= 0 then wait = pttl * 1000 end
+      end
+      return {0, i, wait}
+    end
+    state[k] = cur + 1
+  else
+    local nxt = math.max(cur, now) + a
+    local ahead = nxt - now
+    if ahead > b then
+      local wait = -1
+      if known then wait = ahead - b end
+      return {0, i, wait}
+    end
+    state[k] = nxt
+  end
+end
+for i = 1, #KEYS do
+  local k = KEYS[i]
+  local base = (i - 1) * 4
+  local v = state[k]
+  local px
+  if ARGV[base + 1] == 'c' then
+    px = tonumber(ARGV[base + 3])
+  else
+    px = math.ceil((v - now) / 1000)
+  end
+  if px < 1 then px = 1 end
+  redis.call('SET', k, string.format('%.0f', v), 'PX', string.format('%.0f', px))
+end
+return {1}
+"#;
+
+static DRAW: LazyLock<Script> = LazyLock::new(|| Script::new(DRAW_LUA));
+
+/// The script arguments of one draw: kind and three numbers.
+fn draw_args(limit: Limit) -> [String; 4] {
+    match limit {
+        Limit::Count { max, ttl } => [
+            "c".to_owned(),
+            max.to_string(),
+            millis(ttl).to_string(),
+            u8::from(max > 0).to_string(),
+        ],
+        Limit::Rate { tokens, per, burst } => {
+            let interval = if tokens == 0 {
+                MAX_INTERVAL_US
+            } else {
+                (micros(per) / u64::from(tokens)).clamp(1, MAX_INTERVAL_US)
+            };
+            let tolerance = interval
+                .saturating_mul(u64::from(burst))
+                .min(MAX_TOLERANCE_US);
+            [
+                "r".to_owned(),
+                interval.to_string(),
+                tolerance.to_string(),
+                u8::from(burst > 0 && tokens > 0).to_string(),
+            ]
+        }
+    }
+}
+
+impl BudgetStore for RedisStore {
+    async fn draw(&self, draws: &[Draw]) -> Result<Grant, StoreError> {
+        if draws.is_empty() {
+            return Ok(Grant::Granted);
+        }
+        let mut invocation = DRAW.prepare_invoke();
+        for d in draws {
+            invocation.key(self.budget_key(d));
+            for a in draw_args(d.limit) {
+                invocation.arg(a);
+            }
+        }
+        let mut conn = self.manager.clone();
+        let value: Value = self
+            .bounded("budget draw", invocation.invoke_async(&mut conn))
+            .await?;
+        parse_grant(&value, draws)
+    }
+}
+
+/// Reads the draw script's answer.
+fn parse_grant(value: &Value, draws: &[Draw]) -> Result<Grant, StoreError> {
+    let bad = || store_error("budget draw", format!("unexpected answer {value:?}"));
+    let Value::Array(items) = value else {
+        return Err(bad());
+    };
+    match items.as_slice() {
+        [Value::Int(1)] => Ok(Grant::Granted),
+        [Value::Int(0), Value::Int(i), Value::Int(wait_us)] => {
+            let draw = usize::try_from(*i)
+                .ok()
+                .and_then(|i| i.checked_sub(1))
+                .and_then(|i| draws.get(i))
+                .ok_or_else(bad)?;
+            let retry_in = u64::try_from(*wait_us).ok().map(Duration::from_micros);
+            Ok(Grant::Denied {
+                scope: draw.scope,
+                retry_in,
+            })
+        }
+        _ => Err(bad()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::Scope;
+
+    #[test]
+    fn draw_answers_are_checked() {
+        let draws = [Draw {
+            scope: Scope::User,
+            key: "u".into(),
+            limit: Limit::Count {
+                max: 1,
+                ttl: Duration::from_secs(1),
+            },
+        }];
+        let ok = Value::Array(vec![Value::Int(1)]);
+        assert_eq!(parse_grant(&ok, &draws), Ok(Grant::Granted));
+        let denied = Value::Array(vec![Value::Int(0), Value::Int(1), Value::Int(1500)]);
+        assert_eq!(
+            parse_grant(&denied, &draws),
+            Ok(Grant::Denied {
+                scope: Scope::User,
+                retry_in: Some(Duration::from_micros(1500))
+            })
+        );
+        let unknown = Value::Array(vec![Value::Int(0), Value::Int(1), Value::Int(-1)]);
+        assert!(matches!(
+            parse_grant(&unknown, &draws),
+            Ok(Grant::Denied { retry_in: None, .. })
+        ));
+        for v in [
+            Value::Array(vec![Value::Int(0), Value::Int(2), Value::Int(1)]),
+            Value::Array(vec![Value::Int(0), Value::Int(0), Value::Int(1)]),
+            Value::Array(vec![]),
+            Value::Int(1),
+            Value::Nil,
+        ] {
+            assert!(parse_grant(&v, &draws).is_err(), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn limits_become_bounded_arguments() {
+        let args = draw_args(Limit::Rate {
+            tokens: 0,
+            per: Duration::MAX,
+            burst: u32::MAX,
+        });
+        assert_eq!(args[1], MAX_INTERVAL_US.to_string());
+        assert_eq!(args[2], MAX_TOLERANCE_US.to_string());
+        assert_eq!(args[3], "0");
+        let args = draw_args(Limit::Count {
+            max: 5,
+            ttl: Duration::ZERO,
+        });
+        assert_eq!(args, ["c", "5", "1", "1"]);
+        assert_eq!(millis(Duration::MAX), super::super::MAX_EXPIRY_MS);
+        assert_eq!(millis(Duration::from_micros(1001)), 2);
+    }
+}

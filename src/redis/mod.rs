@@ -1,0 +1,294 @@
+//! The Redis store (feature `redis`): task and user budgets, and idempotency keys, shared by
+//! every process that talks to one Redis.
+//!
+//! # One round trip per decision
+//!
+//! Every method is **one** Lua script call (`EVALSHA`; [`redis::Script`] loads the script
+//! and calls again when Redis answers `NOSCRIPT`, e.g. after a restart). A script runs
+//! atomically in Redis, so a budget decision over several draws is all or nothing without
+//! locks or refunds: the script checks every draw first and writes only if all pass.
+//!
+//! # Clock
+//!
+//! Time is Redis's own (`TIME`, in microseconds), never the replicas' clocks, which disagree.
+//! Expiry is Redis's (`PX`): a key holds nothing worth keeping once it is gone.
+//!
+//! # Keys and values
+//!
+//! Every key starts with the store's prefix (default `trg:`):
+//!
+//! | key | value | expires |
+//! |---|---|---|
+//! | `<prefix>b:c:<scope>:<id>` ([`Limit::Count`]; an id longer than 64 bytes or outside `[A-Za-z0-9._:@/+=-]` as `#` + its XXH3-128 in hex) | the count, decimal | `ttl` after the last granted draw |
+//! | `<prefix>b:r:<scope>:<id>` ([`Limit::Rate`]) | GCRA's theoretical arrival time, µs of Redis time | when the bucket is full again |
+//! | `<prefix>i:<scoped key>` (idempotency) | a hash: `s` state (`F` in flight, `D` done), `f` fingerprint and `t` claim token (16 bytes each, big endian), `l` lease end (ms, Redis clock) while in flight, `r` the response once done | the claim's record (the TTL, so an abandoned claim answers "outcome unknown" and is never simply claimed again); then the result's TTL |
+//! | `<prefix>ip:<principal>` (`g`, or `p:<length>:<principal>`) | a sorted set of the principal's idempotency keys, scored by their expiry (ms): its share ([`RedisStore::max_keys_per_principal`]) | with its longest-lived key |
+//!
+//! A finished response is encoded as: a version byte (`1`), the status (`u16`), the header
+//! count (`u32`), each header as name length (`u16`), name, value length (`u32`), value;
+//! then the body (the rest). Integers are big endian. A stored value that does not decode is
+//! a [`StoreError`], never a panic.
+//!
+//! The scripts touch several keys of one call; on Redis Cluster, put the keys of one call in
+//! one slot with a hash-tagged prefix, e.g. `{trg}:` (then every key lives in that slot).
+//!
+//! # Failures
+//!
+//! Every call is bounded by the store's [timeout](RedisStore::timeout) (default 250 ms); an
+//! error, a timeout or a malformed answer is a [`StoreError`]. The [`ConnectionManager`]
+//! reconnects in the background, so the store recovers by itself once Redis is back. What a
+//! [`StoreError`] means for a retry is [`Budgets::on_store_error`](crate::Budgets::on_store_error)
+//! (fail closed by default); the [`IdempotencyLayer`](crate::server::IdempotencyLayer) answers
+//! 503.
+//!
+//! A call that timed out may still run in Redis when its bytes arrive (Redis was slow, not
+//! gone): a budget draw is then spent though the retry did not happen, which errs on the side
+//! of fewer retries, never more. An idempotency `begin` that timed out is released again by
+//! its claim token (the release queues behind it on the same connection), so it never locks
+//! a key that nobody holds; `renew`, `complete` and `release` act only under their own token.
+//!
+//! Configure Redis with `maxmemory-policy noeviction` (or no `maxmemory`): an evicted
+//! idempotency key would let a retry run its request again.
+//!
+//! Requires Redis 5 or later (scripts that call `TIME` and then write).
+
+mod budget;
+mod codec;
+mod idempotency;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{Client, Script, Value};
+
+use crate::budget::{Draw, Limit};
+use crate::server::ScopedKey;
+use crate::store::StoreError;
+
+/// Budgets and idempotency keys in Redis, shared by every process that uses the same Redis
+/// and prefix. Implements [`BudgetStore`](crate::BudgetStore) and [`IdempotencyStore`](crate::server::IdempotencyStore).
+///
+/// Each call is one atomic Lua script (one round trip), timed by Redis's clock, bounded by a
+/// timeout; see the `redis` module source (`src/redis/`) for the keys, values and scripts.
+///
+/// Clones share the connection (a multiplexed [`ConnectionManager`] that reconnects).
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use tower_retry_guard::{Budgets, RedisStore, RetryLayer};
+/// use tower_retry_guard::server::IdempotencyLayer;
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower_retry_guard::budget::StoreError> {
+/// let store = RedisStore::new("redis://127.0.0.1:6379/")?
+///     .prefix("myapp:")
+///     .timeout(Duration::from_millis(100));
+/// // Client side: task and user budgets shared by every replica.
+/// let retry = RetryLayer::new().budgets(Budgets::default().store(store.clone()));
+/// // Provider side: one execution per idempotency key across every replica.
+/// let dedupe = IdempotencyLayer::new(store);
+/// # let _ = (retry, dedupe);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct RedisStore {
+    manager: ConnectionManager,
+    prefix: Arc<str>,
+    timeout: Duration,
+    max_keys_per_principal: u64,
+}
+
+/// The default share of idempotency keys one principal may hold in Redis.
+const DEFAULT_MAX_KEYS_PER_PRINCIPAL: u64 = 25_000;
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .field("max_keys_per_principal", &self.max_keys_per_principal)
+            .finish_non_exhaustive()
+    }
+}
+
+fn store_error(what: &str, e: impl fmt::Display) -> StoreError {
+    StoreError::new(format!("redis {what}: {e}"))
+}
+
+impl RedisStore {
+    /// The default key prefix.
+    pub const DEFAULT_PREFIX: &'static str = "trg:";
+    /// The default per-call timeout.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
+
+    /// A store on the Redis at `url` (`redis://host:port/db`), with the default prefix
+    /// (`trg:`) and timeout (250 ms).
+    ///
+    /// Connects lazily, in the background: this never waits for Redis, and a Redis that is
+    /// down at start-up is a [`StoreError`] per call until it is up. Reconnection attempts
+    /// back off from 50 ms up to 1 s; each gives up after 1 s. Must be called within a Tokio
+    /// runtime (an error otherwise). For other settings, build a [`ConnectionManager`] and use
+    /// [`RedisStore::from_manager`].
+    pub fn new(url: &str) -> Result<Self, StoreError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(StoreError::new(
+                "RedisStore::new must be called within a Tokio runtime",
+            ));
+        }
+        let client = Client::open(url).map_err(|e| store_error("url", e))?;
+        let config = ConnectionManagerConfig::new()
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_secs(1))
+            .set_number_of_retries(6)
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(None);
+        let manager = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| store_error("connection", e))?;
+        Ok(RedisStore::from_manager(manager))
+    }
+
+    /// A store on an existing connection manager, with the default prefix and timeout.
+    pub fn from_manager(manager: ConnectionManager) -> Self {
+        RedisStore {
+            manager,
+            prefix: Arc::from(Self::DEFAULT_PREFIX),
+            timeout: Self::DEFAULT_TIMEOUT,
+            max_keys_per_principal: DEFAULT_MAX_KEYS_PER_PRINCIPAL,
+        }
+    }
+
+    /// The most idempotency keys (claims and results) one principal may hold (default
+    /// 25 000; the global scope counts as one principal; `0`: no limit). A new key beyond it
+    /// is refused with [`StoreError::full`] naming the principal, so one tenant cannot fill
+    /// Redis for the others. Responses are at most the layer's `max_response_body` each, so
+    /// this also bounds a principal's bytes; size Redis's `maxmemory` for it.
+    pub fn max_keys_per_principal(mut self, max: u64) -> Self {
+        self.max_keys_per_principal = max;
+        self
+    }
+
+    /// The prefix of every key this store writes (default `trg:`). Stores that should share
+    /// budgets and keys must use the same prefix.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = Arc::from(prefix.into());
+        self
+    }
+
+    /// How long one call may take, connecting included (default 250 ms). Past it, the call
+    /// is a [`StoreError`].
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The key prefix.
+    pub fn key_prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The per-call timeout.
+    pub fn call_timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Checks that Redis answers (`PING`) within the timeout: for readiness probes.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.manager.clone();
+        let answer: String = self
+            .bounded("ping", async move {
+                ::redis::cmd("PING").query_async(&mut conn).await
+            })
+            .await?;
+        if answer == "PONG" {
+            Ok(())
+        } else {
+            Err(store_error("ping", format!("unexpected answer {answer:?}")))
+        }
+    }
+
+    /// Runs `call` within the timeout, turning every failure into a [`StoreError`].
+    async fn bounded<T>(
+        &self,
+        what: &str,
+        call: impl Future<Output = ::redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(store_error(what, e)),
+            Err(_) => Err(store_error(
+                what,
+                format!("no answer within {:?}", self.timeout),
+            )),
+        }
+    }
+
+    fn budget_key(&self, draw: &Draw) -> String {
+        let kind = match draw.limit {
+            Limit::Count { .. } => "c",
+            Limit::Rate { .. } => "r",
+        };
+        // Any id, bounded: a long or unusual one under its digest (as `Budgets` sends it).
+        format!(
+            "{}b:{kind}:{}:{}",
+            self.prefix,
+            draw.scope.as_str(),
+            crate::budget::budget_key(&draw.key)
+        )
+    }
+
+    fn idempotency_key(&self, key: &ScopedKey) -> String {
+        format!("{}i:{}", self.prefix, key.storage_key())
+    }
+
+    /// The sorted set of the keys `key`'s principal holds.
+    fn principal_keys(&self, key: &ScopedKey) -> String {
+        match key.principal() {
+            None => format!("{}ip:g", self.prefix),
+            Some(p) => format!("{}ip:p:{}:{p}", self.prefix, p.len()),
+        }
+    }
+
+    /// Runs one idempotency script that answers an integer.
+    async fn int_script(
+        &self,
+        what: &str,
+        script: &Script,
+        key: &ScopedKey,
+        args: &[&[u8]],
+    ) -> Result<i64, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        invocation
+            .key(self.idempotency_key(key))
+            .key(self.principal_keys(key));
+        for a in args {
+            invocation.arg(*a);
+        }
+        let mut conn = self.manager.clone();
+        let value: Value = self
+            .bounded(what, invocation.invoke_async(&mut conn))
+            .await?;
+        match value {
+            Value::Int(n) => Ok(n),
+            other => Err(store_error(what, format!("unexpected answer {other:?}"))),
+        }
+    }
+}
+
+/// The longest expiry, in ms (about 317 years; Redis rejects expiries that overflow).
+const MAX_EXPIRY_MS: u64 = 10_000_000_000_000;
+
+/// Whole milliseconds, rounded up, at least 1 and at most [`MAX_EXPIRY_MS`].
+fn millis(d: Duration) -> u64 {
+    let ms = d.as_micros().div_ceil(1000);
+    u64::try_from(ms)
+        .unwrap_or(u64::MAX)
+        .clamp(1, MAX_EXPIRY_MS)
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
