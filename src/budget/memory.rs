@@ -8,7 +8,7 @@
 //! the random keys make collisions impossible to aim for. Each entry is the hash and a
 //! 24-byte state (a `Mutex` around the count and a deadline) — 40 bytes in the table, about
 //! 45–95 bytes per tracked key with the table's free slots (measured by
-//! `tests/budget_memory.rs`).
+//! `tests/store_memory_budget_bytes.rs`).
 //!
 //! # Limits
 //!

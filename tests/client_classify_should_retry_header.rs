@@ -1,4 +1,4 @@
-//! Review: `x-should-retry` is read regardless of case and surrounding whitespace.
+//! `x-should-retry` is read regardless of case and surrounding whitespace.
 
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tower_retry_guard::{ErrorKind, LlmHttp, Outcome};

@@ -1,4 +1,4 @@
-//! Review: stats count only retries that were really sent.
+//! stats count only retries that were really sent.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -1,4 +1,4 @@
-//! Review: the time a budget store takes to answer counts against the call's total time.
+//! the time a budget store takes to answer counts against the call's total time.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
