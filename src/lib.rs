@@ -94,6 +94,7 @@ pub mod budget;
 pub mod classify;
 mod error;
 mod future;
+pub mod guard;
 mod layer;
 mod observe;
 mod policy;
@@ -112,6 +113,7 @@ pub use crate::budget::{BudgetStore, Budgets, MemoryStore};
 pub use crate::classify::{Classify, ErrorKind, LlmHttp, Outcome};
 pub use crate::error::{RetryError, StopReason};
 pub use crate::future::ResponseFuture;
+pub use crate::guard::{Attempt, Call, DedupeFn, Guard};
 pub use crate::layer::{ChangeRequest, NoChange, RetryContext, RetryLayer};
 pub use crate::observe::{CallOutcome, Health, KindSnapshot, RetryInfo, RetryStats, Window};
 pub use crate::policy::{

@@ -20,6 +20,8 @@ use super::store::IdempotencyStore;
 
 pub use self::builder::IdempotencyLayerBuilder;
 pub use self::unknown::UnknownOutcome;
+/// Shared with the function-level dedupe (`crate::guard`): one way to keep and end a claim.
+pub(crate) use self::claim::{LeaseKeeper, release_later};
 
 mod admit;
 mod builder;
