@@ -3,6 +3,7 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+use std::io;
 use std::sync::Arc;
 
 use crate::classify::{AsError, Classify, ErrorKind, Outcome, classify_error, is_gave_up};
@@ -120,9 +121,17 @@ impl fmt::Debug for ErrorRules {
     }
 }
 
-fn chain<'a>(error: &'a (dyn StdError + 'static)) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
+/// The error and its causes. An `io::Error` wrapping another error (`io::Error::other(e)`)
+/// is followed into `e`: its `source()` skips `e` itself.
+fn chain<'a>(
+    error: &'a (dyn StdError + 'static),
+) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
     std::iter::successors(Some(error), |e: &&'a (dyn StdError + 'static)| {
-        (*e).source()
+        let e: &'a (dyn StdError + 'static) = *e;
+        match e.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+            Some(inner) => Some(inner as &(dyn StdError + 'static)),
+            None => e.source(),
+        }
     })
     .take(MAX_DEPTH)
 }
