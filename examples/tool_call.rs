@@ -21,7 +21,9 @@ async fn send_email(to: &str) -> Result<String, std::io::Error> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), BoxError> {
     // --- the guarding code ---
-    let policy = RetryPolicy::builder().max_total_time(Duration::from_secs(5)).build()?;
+    let policy = RetryPolicy::builder()
+        .max_total_time(Duration::from_secs(5))
+        .build()?;
     let guard = Guard::new(RetryLayer::new().policy(policy)).retry_on::<std::io::Error>();
     let executor = DedupeFn::new(MemoryIdempotencyStore::new()); // or a RedisStore
     let tool = |task: &'static str, tool_call_id: &'static str, to: &'static str| {
@@ -43,7 +45,12 @@ async fn main() -> Result<(), BoxError> {
     };
     // --- end of the guarding code ---
 
-    let receipt = tool("ticket-4711", "call_DdmO9pD3xa9XTPNJ32zg2hcA", "customer@example.com").await?;
+    let receipt = tool(
+        "ticket-4711",
+        "call_DdmO9pD3xa9XTPNJ32zg2hcA",
+        "customer@example.com",
+    )
+    .await?;
     println!("send_email: {receipt} (retried once, the answer was lost)");
     println!("emails sent: {}", EMAILS.load(Ordering::SeqCst));
     assert_eq!(EMAILS.load(Ordering::SeqCst), 1);

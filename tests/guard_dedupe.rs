@@ -46,7 +46,9 @@ async fn concurrent_duplicates_run_once_and_share_the_result() {
     assert_eq!(count.load(Ordering::SeqCst), 1);
     // A later duplicate gets the kept result too.
     let again = dedupe
-        .run("send_email", &key("call_1"), || send(&count, Duration::ZERO))
+        .run("send_email", &key("call_1"), || {
+            send(&count, Duration::ZERO)
+        })
         .await
         .unwrap();
     assert_eq!(again, "email #1");
@@ -68,7 +70,9 @@ async fn a_failed_call_releases_the_key() {
         other => panic!("{other:?}"),
     }
     let retried = dedupe
-        .run("send_email", &key("call_2"), || send(&count, Duration::ZERO))
+        .run("send_email", &key("call_2"), || {
+            send(&count, Duration::ZERO)
+        })
         .await
         .unwrap();
     assert_eq!(retried, "email #2", "the retry ran the function again");
@@ -90,7 +94,9 @@ async fn a_duplicate_waiting_for_a_call_that_fails_runs_it_itself() {
     });
     tokio::time::sleep(Duration::from_millis(10)).await;
     let second = dedupe
-        .run("send_email", &key("call_3"), || send(&count, Duration::ZERO))
+        .run("send_email", &key("call_3"), || {
+            send(&count, Duration::ZERO)
+        })
         .await
         .unwrap();
     assert!(matches!(first.await.unwrap(), Err(DedupeFnError::Inner(_))));
@@ -115,7 +121,9 @@ async fn a_panic_releases_the_key_and_is_resumed() {
     assert!(task.await.unwrap_err().is_panic());
     let count = AtomicU32::new(0);
     let retried = dedupe
-        .run("send_email", &key("call_4"), || send(&count, Duration::ZERO))
+        .run("send_email", &key("call_4"), || {
+            send(&count, Duration::ZERO)
+        })
         .await
         .unwrap();
     assert_eq!(retried, "email #1", "the key was free: the retry ran");
@@ -138,7 +146,9 @@ async fn the_lease_is_renewed_while_the_function_runs() {
     // Long after the first lease would have run out: still in flight, not abandoned.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let second = dedupe
-        .run("send_email", &key("call_5"), || send(&count, Duration::ZERO))
+        .run("send_email", &key("call_5"), || {
+            send(&count, Duration::ZERO)
+        })
         .await
         .unwrap();
     assert_eq!(first.await.unwrap().unwrap(), "email #1");
@@ -149,7 +159,8 @@ async fn the_lease_is_renewed_while_the_function_runs() {
 #[tokio::test(start_paused = true)]
 async fn an_abandoned_run_is_not_run_again_unless_asked() {
     let store = MemoryIdempotencyStore::new();
-    let dedupe = DedupeFn::new(store.clone()).lease(Duration::from_secs(1), Duration::from_secs(600));
+    let dedupe =
+        DedupeFn::new(store.clone()).lease(Duration::from_secs(1), Duration::from_secs(600));
     let count = AtomicU32::new(0);
     // The caller gives up mid-run: the side effect may have happened.
     let gave_up = tokio::time::timeout(
@@ -162,14 +173,21 @@ async fn an_abandoned_run_is_not_run_again_unless_asked() {
     assert!(gave_up.is_err());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let again = dedupe
-        .run("send_email", &key("call_6"), || send(&count, Duration::ZERO))
+        .run("send_email", &key("call_6"), || {
+            send(&count, Duration::ZERO)
+        })
         .await;
-    assert!(matches!(again, Err(DedupeFnError::OutcomeUnknown)), "{again:?}");
+    assert!(
+        matches!(again, Err(DedupeFnError::OutcomeUnknown)),
+        "{again:?}"
+    );
     assert_eq!(count.load(Ordering::SeqCst), 1);
 
     let recovering = DedupeFn::new(store).rerun_abandoned(true);
     let rerun = recovering
-        .run("send_email", &key("call_6"), || send(&count, Duration::ZERO))
+        .run("send_email", &key("call_6"), || {
+            send(&count, Duration::ZERO)
+        })
         .await
         .unwrap();
     assert_eq!(rerun, "email #2");
@@ -180,7 +198,9 @@ async fn a_key_used_for_another_operation_is_a_mismatch() {
     let dedupe = DedupeFn::new(MemoryIdempotencyStore::new());
     let count = AtomicU32::new(0);
     dedupe
-        .run("send_email", &key("call_7"), || send(&count, Duration::ZERO))
+        .run("send_email", &key("call_7"), || {
+            send(&count, Duration::ZERO)
+        })
         .await
         .unwrap();
     let other = dedupe
@@ -207,7 +227,12 @@ impl IdempotencyStore for Down {
     ) -> Result<Ownership, StoreError> {
         Err(StoreError::new("connection refused"))
     }
-    async fn renew(&self, _: &ScopedKey, _: ClaimToken, _: Duration) -> Result<Ownership, StoreError> {
+    async fn renew(
+        &self,
+        _: &ScopedKey,
+        _: ClaimToken,
+        _: Duration,
+    ) -> Result<Ownership, StoreError> {
         Err(StoreError::new("connection refused"))
     }
     async fn release(&self, _: &ScopedKey, _: ClaimToken) -> Result<Ownership, StoreError> {
@@ -220,7 +245,9 @@ async fn a_store_that_is_down_runs_nothing() {
     let dedupe = DedupeFn::new(Down);
     let count = AtomicU32::new(0);
     let result = dedupe
-        .run("send_email", &key("call_8"), || send(&count, Duration::ZERO))
+        .run("send_email", &key("call_8"), || {
+            send(&count, Duration::ZERO)
+        })
         .await;
     assert!(matches!(result, Err(DedupeFnError::Store(_))), "{result:?}");
     assert_eq!(count.load(Ordering::SeqCst), 0);
@@ -241,7 +268,9 @@ async fn a_duplicate_gives_up_waiting_after_the_wait() {
     tokio::time::sleep(Duration::from_millis(10)).await;
     let start = tokio::time::Instant::now();
     let second = dedupe
-        .run("send_email", &key("call_9"), || send(&count, Duration::ZERO))
+        .run("send_email", &key("call_9"), || {
+            send(&count, Duration::ZERO)
+        })
         .await;
     assert!(matches!(second, Err(DedupeFnError::InFlight)), "{second:?}");
     assert!(start.elapsed() <= Duration::from_secs(2) + Duration::from_millis(10));

@@ -21,7 +21,8 @@ async fn incident(dedupe: bool) -> (Result<String, BoxError>, u32, u32) {
     let emails = AtomicU32::new(0);
     let attempts = AtomicU32::new(0);
     let (executor, emails, attempts_ref) = (&executor, &emails, &attempts);
-    let call = Call::new("send_email").tool_call("conversation-17", "toolu_01A09q90qw90lq917835lq9");
+    let call =
+        Call::new("send_email").tool_call("conversation-17", "toolu_01A09q90qw90lq917835lq9");
     let result = guard
         .run(call, |attempt| async move {
             attempts_ref.fetch_add(1, Ordering::SeqCst);
@@ -54,7 +55,11 @@ async fn incident(dedupe: bool) -> (Result<String, BoxError>, u32, u32) {
 #[tokio::test(start_paused = true)]
 async fn a_lost_answer_retried_with_the_tool_call_key_sends_one_email() {
     let (result, emails, attempts) = incident(true).await;
-    assert_eq!(result.unwrap(), "email #1 sent", "the retry got the kept result");
+    assert_eq!(
+        result.unwrap(),
+        "email #1 sent",
+        "the retry got the kept result"
+    );
     assert_eq!(attempts, 2);
     assert_eq!(emails, 1);
 }
@@ -74,22 +79,34 @@ async fn without_a_key_the_side_effect_is_not_retried() {
     let emails = AtomicU32::new(0);
     let emails_ref = &emails;
     let err = guard
-        .run(Call::new("send_email").task("conversation-17"), |_| async move {
-            emails_ref.fetch_add(1, Ordering::SeqCst);
-            Err::<(), _>(io::Error::from(io::ErrorKind::TimedOut))
-        })
+        .run(
+            Call::new("send_email").task("conversation-17"),
+            |_| async move {
+                emails_ref.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(io::Error::from(io::ErrorKind::TimedOut))
+            },
+        )
         .await
         .unwrap_err();
     assert_eq!(emails.load(Ordering::SeqCst), 1);
-    assert!(matches!(err.reason(), StopReason::SideEffectWithoutKey { .. }));
+    assert!(matches!(
+        err.reason(),
+        StopReason::SideEffectWithoutKey { .. }
+    ));
 }
 
 #[test]
 fn tool_call_keys_are_stable_valid_and_distinct() {
     let openai = IdempotencyKey::from_tool_call("run-42", "call_DdmO9pD3xa9XTPNJ32zg2hcA");
-    assert_eq!(openai.as_str(), "tc:6.run-42:29.call_DdmO9pD3xa9XTPNJ32zg2hcA");
+    assert_eq!(
+        openai.as_str(),
+        "tc:6.run-42:29.call_DdmO9pD3xa9XTPNJ32zg2hcA"
+    );
     let anthropic = IdempotencyKey::from_tool_call("run-42", "toolu_01A09q90qw90lq917835lq9");
-    assert_eq!(anthropic.as_str(), "tc:6.run-42:29.toolu_01A09q90qw90lq917835lq9");
+    assert_eq!(
+        anthropic.as_str(),
+        "tc:6.run-42:29.toolu_01A09q90qw90lq917835lq9"
+    );
     // Stable: the same inputs, the same key (its header form too).
     assert_eq!(
         IdempotencyKey::from_tool_call("run-42", "call_DdmO9pD3xa9XTPNJ32zg2hcA"),
@@ -123,7 +140,10 @@ fn tool_call_keys_are_stable_valid_and_distinct() {
             "{text}"
         );
         // Round trip through its header form.
-        assert_eq!(IdempotencyKey::from_header(key.header_value()).unwrap(), key);
+        assert_eq!(
+            IdempotencyKey::from_header(key.header_value()).unwrap(),
+            key
+        );
         assert!(seen.insert(text.to_owned()), "two inputs gave {text}");
     }
 }

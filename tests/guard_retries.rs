@@ -103,7 +103,9 @@ async fn drive(
                         script(n).map(|()| Response::new(String::new()))
                     }
                 });
-            let mut req = Request::post("http://tools/op").body(String::new()).unwrap();
+            let mut req = Request::post("http://tools/op")
+                .body(String::new())
+                .unwrap();
             req.extensions_mut().insert(Operation::from_static("op"));
             req.extensions_mut().insert(side);
             if let Some(task) = task {
@@ -233,8 +235,15 @@ async fn total_time_bounds_the_retries() {
     };
     for face in FACES {
         let start = Instant::now();
-        let (result, seen) =
-            drive(face, layer(), SideEffect::SideEffecting, None, ms(300), |_| Err(timed_out())).await;
+        let (result, seen) = drive(
+            face,
+            layer(),
+            SideEffect::SideEffecting,
+            None,
+            ms(300),
+            |_| Err(timed_out()),
+        )
+        .await;
         let err = result.unwrap_err();
         assert!(
             matches!(err.reason(), StopReason::Deadline { .. }),
@@ -242,7 +251,10 @@ async fn total_time_bounds_the_retries() {
         );
         // 0, 400, 800 ms: a fourth attempt would start after the second.
         assert_eq!(seen.len(), 3, "{face:?}");
-        assert!(start.elapsed() <= Duration::from_secs(1) + ms(100), "{face:?}");
+        assert!(
+            start.elapsed() <= Duration::from_secs(1) + ms(100),
+            "{face:?}"
+        );
     }
 }
 
@@ -262,7 +274,10 @@ async fn the_key_is_minted_once_and_sent_on_every_attempt() {
         assert_eq!(seen.len(), 3);
         let key = seen[0].key.clone().expect("a side effect gets a key");
         assert_eq!(key.len(), 36, "a UUID: {key}");
-        assert!(seen.iter().all(|s| s.key.as_deref() == Some(&*key)), "{face:?}: {seen:?}");
+        assert!(
+            seen.iter().all(|s| s.key.as_deref() == Some(&*key)),
+            "{face:?}: {seen:?}"
+        );
     }
 }
 
@@ -310,7 +325,10 @@ async fn a_side_effect_without_a_key_is_not_retried() {
             },
             "{face:?}"
         );
-        assert!(err.to_string().contains("side effect without idempotency key"));
+        assert!(
+            err.to_string()
+                .contains("side effect without idempotency key")
+        );
     }
 }
 
@@ -407,12 +425,13 @@ async fn an_output_hook_that_changes_nothing_surfaces_the_failure() {
 #[tokio::test(start_paused = true)]
 async fn the_task_budget_refuses_across_calls() {
     for face in FACES {
-        let layer = RetryLayer::new()
-            .policy(policy(Jitter::None))
-            .budgets(Budgets::none().per_task(Some(Limit::Count {
-                max: 2,
-                ttl: Duration::from_secs(3600),
-            })));
+        let layer =
+            RetryLayer::new()
+                .policy(policy(Jitter::None))
+                .budgets(Budgets::none().per_task(Some(Limit::Count {
+                    max: 2,
+                    ttl: Duration::from_secs(3600),
+                })));
         let (result, seen) = drive(
             face,
             layer,
@@ -438,7 +457,11 @@ async fn a_guarded_call_shares_the_layers_task_budget() {
         max: 1,
         ttl: Duration::from_secs(3600),
     }));
-    let guard = Guard::new(RetryLayer::new().policy(policy(Jitter::None)).budgets(budgets));
+    let guard = Guard::new(
+        RetryLayer::new()
+            .policy(policy(Jitter::None))
+            .budgets(budgets),
+    );
     let call = || Call::new("op").read_only().task("t");
     let first = guard
         .run(call(), |_| async { Err::<(), _>(timed_out()) })
@@ -468,7 +491,9 @@ async fn errors_are_retried_by_type() {
     let guard = Guard::new(no_budgets(Jitter::None)).retry_on::<ProviderError>();
     let read = || Call::new("op").read_only();
     let err = guard
-        .run(read(), |_| async { Err::<(), BoxError>(Box::new(ProviderError)) })
+        .run(read(), |_| async {
+            Err::<(), BoxError>(Box::new(ProviderError))
+        })
         .await
         .unwrap_err();
     assert_eq!(err.attempts(), 4, "listed: retried");
@@ -481,20 +506,26 @@ async fn errors_are_retried_by_type() {
     assert_eq!(err.attempts(), 1, "not listed: not retried");
     assert_eq!(err.reason(), &StopReason::NotRetryable);
     let err = guard
-        .run(read(), |_| async { Err::<(), BoxError>(timed_out().into()) })
+        .run(read(), |_| async {
+            Err::<(), BoxError>(timed_out().into())
+        })
         .await
         .unwrap_err();
     assert_eq!(err.attempts(), 4, "timeouts: retried by default");
     let strict = guard.clone().fail_on::<io::Error>();
     let err = strict
-        .run(read(), |_| async { Err::<(), BoxError>(timed_out().into()) })
+        .run(read(), |_| async {
+            Err::<(), BoxError>(timed_out().into())
+        })
         .await
         .unwrap_err();
     assert_eq!(err.attempts(), 1, "fail_on wins over the default");
-    let by_fn = Guard::new(no_budgets(Jitter::None))
-        .retry_on_fn(|e| e.to_string().contains("flaky"));
+    let by_fn =
+        Guard::new(no_budgets(Jitter::None)).retry_on_fn(|e| e.to_string().contains("flaky"));
     let err = by_fn
-        .run(read(), |_| async { Err::<(), BoxError>("flaky upstream".into()) })
+        .run(read(), |_| async {
+            Err::<(), BoxError>("flaky upstream".into())
+        })
         .await
         .unwrap_err();
     assert_eq!(err.attempts(), 4);
@@ -507,13 +538,17 @@ async fn the_closure_sees_the_previous_failure() {
     let seen_ref = &seen;
     guard
         .run(Call::new("op").read_only(), |attempt| async move {
-            seen_ref
-                .lock()
-                .unwrap()
-                .push(attempt.previous().map(|p| (p.kind, p.retry, p.message.clone())));
+            seen_ref.lock().unwrap().push(
+                attempt
+                    .previous()
+                    .map(|p| (p.kind, p.retry, p.message.clone())),
+            );
             assert!(attempt.time_left() <= Duration::from_secs(10));
             if attempt.number() < 3 {
-                Err(io::Error::new(io::ErrorKind::ConnectionReset, "reset by peer"))
+                Err(io::Error::new(
+                    io::ErrorKind::ConnectionReset,
+                    "reset by peer",
+                ))
             } else {
                 Ok(())
             }
@@ -532,19 +567,20 @@ async fn the_closure_sees_the_previous_failure() {
 
 #[tokio::test(start_paused = true)]
 async fn a_classifier_can_reject_an_ok_output() {
-    let guard = Guard::new(no_budgets(Jitter::None)).classify(|r: &Result<String, io::Error>| {
-        match r {
+    let guard =
+        Guard::new(no_budgets(Jitter::None)).classify(|r: &Result<String, io::Error>| match r {
             Ok(text) if text.starts_with('{') => tower_retry_guard::Outcome::Success,
             Ok(_) => tower_retry_guard::Outcome::retry(ErrorKind::OutputInvalid),
             Err(_) => tower_retry_guard::Outcome::Fail {
                 kind: ErrorKind::Other,
             },
-        }
-    });
+        });
     // No change: the last (rejected) output is returned as it is, as the layer returns a
     // failing response.
     let out = guard
-        .run(Call::new("chat").read_only(), |_| async { Ok("not json".to_owned()) })
+        .run(Call::new("chat").read_only(), |_| async {
+            Ok("not json".to_owned())
+        })
         .await
         .unwrap();
     assert_eq!(out, "not json");
@@ -553,7 +589,9 @@ async fn a_classifier_can_reject_an_ok_output() {
     // With a change: retried, and the change reaches the closure.
     let out = guard
         .run(
-            Call::new("chat").read_only().on_output_failure(|f| Some(f.message.clone())),
+            Call::new("chat")
+                .read_only()
+                .on_output_failure(|f| Some(f.message.clone())),
             |attempt| async move {
                 Ok(match attempt.change() {
                     Some(_) => "{}".to_owned(),
@@ -573,7 +611,11 @@ async fn stats_count_guarded_calls() {
     let read = || Call::new("lookup").read_only();
     guard
         .run(read(), |a| async move {
-            if a.number() == 1 { Err(timed_out()) } else { Ok(()) }
+            if a.number() == 1 {
+                Err(timed_out())
+            } else {
+                Ok(())
+            }
         })
         .await
         .unwrap();

@@ -16,8 +16,11 @@ use tracing_subscriber::registry::LookupSpan;
 
 type Fields = BTreeMap<String, String>;
 
+/// An event: the span it happened in, its fields.
+type Seen = (Option<String>, Fields);
+
 #[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<(Option<String>, Fields)>>>);
+struct Capture(Arc<Mutex<Vec<Seen>>>);
 
 struct Visitor<'a>(&'a mut Fields);
 
@@ -100,11 +103,7 @@ async fn a_panicking_closure_leaks_no_budget_slot() {
         tracing::subscriber::set_default(tracing_subscriber::registry().with(Capture::default()));
     // One retry in flight at most, for the whole process.
     let budgets = Budgets::none().in_flight(Some(InFlightCap { share: 0.0, min: 1 }));
-    let guard = Guard::new(
-        RetryLayer::new()
-            .policy(policy())
-            .budgets(budgets.clone()),
-    );
+    let guard = Guard::new(RetryLayer::new().policy(policy()).budgets(budgets.clone()));
     let panicking = guard.clone();
     let task = tokio::spawn(async move {
         panicking
@@ -118,8 +117,16 @@ async fn a_panicking_closure_leaks_no_budget_slot() {
     });
     let joined = task.await;
     assert!(joined.unwrap_err().is_panic());
-    assert_eq!(budgets.retries_in_flight(), Some(0), "the retry's slot is free");
-    assert_eq!(budgets.active_calls(), Some(0), "the call is no longer active");
+    assert_eq!(
+        budgets.retries_in_flight(),
+        Some(0),
+        "the retry's slot is free"
+    );
+    assert_eq!(
+        budgets.active_calls(),
+        Some(0),
+        "the call is no longer active"
+    );
 
     // The slot is really free: the next call gets its retry.
     let err = guard
