@@ -33,7 +33,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_retry_guard::budget::RatioConfig;
-use tower_retry_guard::{Budgets, RetryLayer, RetryPolicy, RetryStats};
+use tower_retry_guard::{
+    Budgets, Call, DedupeFn, Guard, MemoryIdempotencyStore, RetryLayer, RetryPolicy, RetryStats,
+};
 
 type Body = Full<Bytes>;
 type HttpClient = Client<HttpConnector, Body>;
@@ -250,6 +252,10 @@ async fn main() -> Result<(), BoxError> {
         guarded_emails.saturating_sub(1)
     );
 
+    println!("== The same incident in process: the tool is an async function ==\n");
+    let emails = in_process(&stats).await?;
+    println!("guarded tool (Guard + DedupeFn, key from the tool-call id): {emails} email\n");
+
     println!("== A flaky LLM provider: 429, 529, 500, then 200 ==\n");
     provider(&stats).await?;
     println!("\n== Retry stats ==\n\n{stats}");
@@ -257,6 +263,31 @@ async fn main() -> Result<(), BoxError> {
         println!("{op}: {}", stats.health(&op));
     }
     Ok(())
+}
+
+/// The incident without HTTP: a tool function whose answer is lost after it sent the email,
+/// guarded with the model's tool-call id as key and run once per key by its executor.
+async fn in_process(stats: &RetryStats) -> Result<u32, BoxError> {
+    let emails = AtomicU32::new(0);
+    let guard = Guard::new(guarded(stats)?);
+    let executor = DedupeFn::new(MemoryIdempotencyStore::new());
+    let (emails_ref, executor) = (&emails, &executor);
+    let call = Call::new("send_email (in process)").tool_call("ticket-4711", "toolu_01A09q90qw90");
+    guard
+        .run(call, |attempt| async move {
+            let key = attempt.key().ok_or("a side effect has a key")?;
+            let send = || async {
+                emails_ref.fetch_add(1, Ordering::SeqCst); // the side effect
+                Ok::<_, std::io::Error>(())
+            };
+            executor.run("send_email", key, send).await?;
+            if attempt.number() == 1 {
+                return Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()); // lost
+            }
+            Ok::<_, BoxError>(())
+        })
+        .await?;
+    Ok(emails.load(Ordering::SeqCst))
 }
 
 /// An OpenAI-style endpoint that fails three times (429 with a hint, 529, 500) per

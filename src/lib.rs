@@ -96,6 +96,7 @@ pub mod classify;
 mod decide;
 mod error;
 mod future;
+pub mod guard;
 mod layer;
 mod observe;
 mod policy;
@@ -115,6 +116,7 @@ pub use crate::budget::{BudgetStore, Budgets, MemoryStore};
 pub use crate::classify::{Classify, ErrorKind, LlmHttp, Outcome};
 pub use crate::error::{RetryError, StopReason};
 pub use crate::future::ResponseFuture;
+pub use crate::guard::{Attempt, Call, DedupeFn, Guard};
 pub use crate::layer::{ChangeRequest, NoChange, RetryContext, RetryLayer};
 pub use crate::observe::{
     CallOutcome, DEFAULT_MAX_OPERATIONS, Health, KindSnapshot, OVERFLOW_OPERATION, RetryInfo,

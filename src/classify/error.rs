@@ -133,7 +133,7 @@ pub fn classify_error(error: &(dyn StdError + 'static)) -> Outcome {
     }
 }
 
-fn is_gave_up(err: &(dyn StdError + 'static)) -> bool {
+pub(crate) fn is_gave_up(err: &(dyn StdError + 'static)) -> bool {
     // The common shapes of an inner layer's error as seen by an outer one.
     err.is::<crate::RetryError<Box<dyn StdError + Send + Sync>>>()
         || err.is::<crate::RetryError<io::Error>>()

@@ -15,6 +15,7 @@
 mod error;
 mod http;
 
+pub(crate) use self::error::is_gave_up;
 pub use self::error::{AsError, Errors, classify_error};
 pub use self::http::{LlmHttp, is_quota_error, parse_retry_after, parse_retry_after_ms};
 

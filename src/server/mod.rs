@@ -98,6 +98,7 @@ pub use self::idempotency::{
     IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Idempotency, IdempotencyLayer, IdempotencyLayerBuilder,
     OversizedResponse, ReleaseKey, ResponseFuture, UnknownOutcome,
 };
+pub(crate) use self::idempotency::{LeaseKeeper, release_later};
 pub use self::memory::{MemoryIdempotencyStore, MemoryIdempotencyStoreBuilder};
 pub use self::store::{
     Begin, Claim, ClaimToken, Fingerprint, IdempotencyStore, Ownership, ScopedKey, Stored,

@@ -10,10 +10,10 @@ use crate::server::store::{Claim, ClaimToken, IdempotencyStore, Ownership, Scope
 
 /// Renews a claim every third of its lease while its holder works, up to a deadline; stops
 /// when dropped (the claim ended) or when the claim is lost.
-pub(super) struct LeaseKeeper(JoinHandle<()>);
+pub(crate) struct LeaseKeeper(JoinHandle<()>);
 
 impl LeaseKeeper {
-    pub(super) fn start<St: IdempotencyStore>(
+    pub(crate) fn start<St: IdempotencyStore>(
         store: &St,
         key: &ScopedKey,
         claim: Claim,
@@ -69,7 +69,7 @@ pub(super) async fn release<St: IdempotencyStore>(
 /// Releases the claim `token` again over one lease, in the background: a `begin` or
 /// `release` that timed out may still run in a stalled store, late or (after a reconnect)
 /// out of order. The token makes this harmless to any other claim.
-pub(super) fn release_later<St: IdempotencyStore>(
+pub(crate) fn release_later<St: IdempotencyStore>(
     store: St,
     key: ScopedKey,
     token: ClaimToken,

@@ -19,6 +19,8 @@ use super::memory::MemoryIdempotencyStore;
 use super::store::IdempotencyStore;
 
 pub use self::builder::IdempotencyLayerBuilder;
+/// Shared with the function-level dedupe (`crate::guard`): one way to keep and end a claim.
+pub(crate) use self::claim::{LeaseKeeper, release_later};
 pub use self::unknown::UnknownOutcome;
 
 mod admit;

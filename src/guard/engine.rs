@@ -1,0 +1,218 @@
+//! [`Guard`]: a [`RetryLayer`]'s engine around a closure.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::fmt::Display;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use tokio::time::Instant;
+use tower::{Service, ServiceExt};
+
+use super::call::{Attempt, Call};
+use super::request::{CallRequest, GuardChange};
+use super::rules::ErrorRules;
+use crate::budget::Budgets;
+use crate::classify::{Classify, Outcome};
+use crate::error::RetryError;
+use crate::layer::{RetryLayer, Shared};
+use crate::observe::RetryStats;
+use crate::policy::RetryPolicy;
+use crate::service::Retry;
+
+/// Guards async functions and agent tools with a [`RetryLayer`]'s discipline: the same
+/// policy, budgets, keys, stats and tracing, run by the same engine as the layer's
+/// [`Retry`] service.
+///
+/// `C` classifies the closure's results (default [`ErrorRules`]: timeouts and connection
+/// errors retried, plus the types named with [`Guard::retry_on`]). Cheap to clone: clones
+/// share the configuration, the stats and the budgets.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_retry_guard::{Call, Guard, RetryLayer, RetryPolicy};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// let guard = Guard::new(RetryLayer::new().policy(RetryPolicy::builder().max_retries(2).build()?));
+/// let answer = guard
+///     .run(Call::new("lookup").read_only(), |attempt| async move {
+///         if attempt.number() == 1 {
+///             Err(std::io::Error::from(std::io::ErrorKind::TimedOut))
+///         } else {
+///             Ok(42)
+///         }
+///     })
+///     .await?;
+/// assert_eq!(answer, 42);
+/// assert_eq!(guard.stats().totals("lookup").recovered, 1);
+/// # Ok(())
+/// # }
+/// ```
+pub struct Guard<C = ErrorRules> {
+    shared: Arc<Shared<C, GuardChange>>,
+}
+
+impl<C> Clone for Guard<C> {
+    fn clone(&self) -> Self {
+        Guard {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Default for Guard {
+    fn default() -> Self {
+        Guard::new(RetryLayer::new())
+    }
+}
+
+impl Guard {
+    /// A guard with `layer`'s policy, budgets, stats, header names and key minting.
+    ///
+    /// The layer's classifier, `on_retry` hook and per-request closures are for HTTP
+    /// requests and are not used: a guard classifies with [`ErrorRules`] (or
+    /// [`Guard::classify`]) and changes inputs with [`Call::on_output_failure`].
+    pub fn new<C0, H0>(layer: RetryLayer<C0, H0>) -> Self {
+        Guard::build(RetryLayer {
+            policy: layer.policy,
+            classify: ErrorRules::new(),
+            change: GuardChange,
+            budgets: layer.budgets,
+            names: layer.names,
+            mint_keys: layer.mint_keys,
+            side_effect_fn: None,
+            operation_fn: None,
+            key_fn: None,
+            info_on_success: layer.info_on_success,
+            stats: layer.stats,
+        })
+    }
+
+    /// Retries errors that are, or are caused by, an `X` (see [`ErrorRules::retry_on`]).
+    pub fn retry_on<X: StdError + 'static>(self) -> Self {
+        self.with_rules(ErrorRules::retry_on::<X>)
+    }
+
+    /// Retries errors for which `predicate` is `true` (see [`ErrorRules::retry_on_fn`]).
+    pub fn retry_on_fn<F>(self, predicate: F) -> Self
+    where
+        F: Fn(&(dyn StdError + 'static)) -> bool + Send + Sync + 'static,
+    {
+        self.with_rules(|rules| rules.retry_on_fn(predicate))
+    }
+
+    /// Errors that are, or are caused by, an `X` are output failures: retried only with a
+    /// change (see [`ErrorRules::output_invalid_on`]).
+    pub fn output_invalid_on<X: StdError + 'static>(self) -> Self {
+        self.with_rules(ErrorRules::output_invalid_on::<X>)
+    }
+
+    /// Never retries errors that are, or are caused by, an `X` (see [`ErrorRules::fail_on`]).
+    pub fn fail_on<X: StdError + 'static>(self) -> Self {
+        self.with_rules(ErrorRules::fail_on::<X>)
+    }
+
+    /// Adds a rule of its own (see [`ErrorRules::rule`]).
+    pub fn rule<F>(self, rule: F) -> Self
+    where
+        F: Fn(&(dyn StdError + 'static)) -> Option<Outcome> + Send + Sync + 'static,
+    {
+        self.with_rules(|rules| rules.rule(rule))
+    }
+
+    fn with_rules(self, add: impl FnOnce(ErrorRules) -> ErrorRules) -> Self {
+        let rules = add(self.shared.layer.classify.clone());
+        self.classify(rules)
+    }
+}
+
+impl<C> Guard<C> {
+    fn build(layer: RetryLayer<C, GuardChange>) -> Self {
+        Guard {
+            shared: Arc::new(Shared {
+                layer,
+                warned_unclonable: AtomicBool::new(false),
+            }),
+        }
+    }
+
+    /// Classifies the closure's results with `classify` instead: a [`Classify`] or a
+    /// closure `Fn(&Result<T, E>) -> Outcome` (to reject an `Ok` output that does not
+    /// validate, or for an error type that is not [`AsError`](crate::classify::AsError)).
+    pub fn classify<C2>(self, classify: C2) -> Guard<C2> {
+        let layer = &self.shared.layer;
+        Guard::build(RetryLayer {
+            policy: layer.policy.clone(),
+            classify,
+            change: GuardChange,
+            budgets: layer.budgets.clone(),
+            names: layer.names.clone(),
+            mint_keys: layer.mint_keys,
+            side_effect_fn: None,
+            operation_fn: None,
+            key_fn: None,
+            info_on_success: layer.info_on_success,
+            stats: layer.stats.clone(),
+        })
+    }
+
+    /// The stats every guarded call is recorded in (shared with the layer it came from).
+    pub fn stats(&self) -> RetryStats {
+        self.shared.layer.stats.clone()
+    }
+
+    /// The budgets retries are drawn from.
+    pub fn budgets(&self) -> &Budgets {
+        &self.shared.layer.budgets
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> &RetryPolicy {
+        &self.shared.layer.policy
+    }
+
+    /// Runs `f` for `call`, retried as the layer retries a request: `f` is called once per
+    /// attempt with the [`Attempt`] (its number, the call's key, the time left, the previous
+    /// failure), and its result is classified.
+    ///
+    /// The result is `f`'s last `Ok`, or a [`RetryError`] that says why the guard stopped
+    /// (exhausted, deadline, budget, not retryable, side effect without key, output
+    /// unchanged) with `f`'s last error inside. A classifier that rejects an `Ok` on the
+    /// last attempt returns it as it is, as the layer returns a failing response.
+    ///
+    /// The guard bounds the waits and the number of attempts, not an attempt that hangs:
+    /// bound each attempt with [`Attempt::deadline`].
+    pub async fn run<F, Fut, T, E>(&self, call: Call, f: F) -> Result<T, RetryError<E>>
+    where
+        F: Fn(Attempt) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+        C: Classify<T, E>,
+        E: Display,
+    {
+        let deadline = Instant::now() + self.shared.layer.policy.max_total_time();
+        let f = &f;
+        let service = tower::service_fn(move |request: CallRequest| f(request.attempt()));
+        let mut retry = Retry::new(service, self.shared.clone());
+        // A `service_fn` is always ready; the engine polls it again before each retry.
+        let retry = retry.ready().await?;
+        retry.call(CallRequest::new(call, deadline)).await
+    }
+}
+
+impl<C> fmt::Debug for Guard<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Guard")
+            .field("layer", &self.shared.layer)
+            .finish()
+    }
+}
+
+impl<C, H> RetryLayer<C, H> {
+    /// A [`Guard`] for async functions and tools with this layer's policy, budgets, stats
+    /// and key minting (see [`Guard::new`]).
+    pub fn guard(self) -> Guard {
+        Guard::new(self)
+    }
+}
