@@ -10,9 +10,11 @@ use dashmap::DashMap;
 use dashmap::mapref::entry::Entry as MapEntry;
 use tokio::time::Instant;
 
+mod builder;
 mod usage;
 
-use super::config::ConfigError;
+pub use self::builder::MemoryIdempotencyStoreBuilder;
+
 use super::store::{
     Begin, Claim, ClaimToken, Fingerprint, IdempotencyStore, Ownership, ScopedKey, Stored,
 };
@@ -140,58 +142,6 @@ impl Default for MemoryIdempotencyStore {
     }
 }
 
-/// Builds a [`MemoryIdempotencyStore`] with other limits; [`build`](Self::build) checks them.
-#[derive(Debug, Clone)]
-pub struct MemoryIdempotencyStoreBuilder {
-    limits: Limits,
-}
-
-impl MemoryIdempotencyStoreBuilder {
-    /// The most entries (claims and results) and bytes held in all (default 100 000 and
-    /// 256 MiB).
-    pub fn max_total(mut self, entries: usize, bytes: usize) -> Self {
-        self.limits.max_entries = entries;
-        self.limits.max_bytes = bytes;
-        self
-    }
-
-    /// The most entries and bytes one principal may hold (default 25 000 and 64 MiB), so
-    /// one tenant cannot take another's room.
-    pub fn max_per_principal(mut self, entries: usize, bytes: usize) -> Self {
-        self.limits.max_entries_per_principal = entries;
-        self.limits.max_bytes_per_principal = bytes;
-        self
-    }
-
-    /// How often the whole map is swept of expired entries (default 60 s).
-    pub fn sweep_every(mut self, every: Duration) -> Self {
-        self.limits.sweep_every = every;
-        self
-    }
-
-    /// The store, or the first bad setting.
-    pub fn build(self) -> Result<MemoryIdempotencyStore, ConfigError> {
-        let l = self.limits;
-        let err = |setting, problem: &str| Err(ConfigError::new("memory store", setting, problem));
-        if l.max_entries == 0 || l.max_bytes == 0 {
-            return err("max_total", "must allow at least one entry and one byte");
-        }
-        if l.max_entries_per_principal == 0 || l.max_bytes_per_principal == 0 {
-            return err(
-                "max_per_principal",
-                "must allow at least one entry and one byte",
-            );
-        }
-        if l.max_entries_per_principal > l.max_entries || l.max_bytes_per_principal > l.max_bytes {
-            return err("max_per_principal", "is larger than `max_total`");
-        }
-        if l.sweep_every.is_zero() {
-            return err("sweep_every", "must be longer than zero");
-        }
-        Ok(MemoryIdempotencyStore::with(l))
-    }
-}
-
 impl MemoryIdempotencyStore {
     /// An empty store with the default limits (see the type's docs).
     pub fn new() -> Self {
@@ -200,9 +150,7 @@ impl MemoryIdempotencyStore {
 
     /// A builder for other limits.
     pub fn builder() -> MemoryIdempotencyStoreBuilder {
-        MemoryIdempotencyStoreBuilder {
-            limits: Limits::default(),
-        }
+        MemoryIdempotencyStoreBuilder::new()
     }
 
     fn with(limits: Limits) -> Self {
