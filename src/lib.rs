@@ -100,6 +100,7 @@ pub mod guard;
 mod layer;
 mod observe;
 mod policy;
+mod random;
 #[cfg(feature = "redis")]
 mod redis;
 mod report;

@@ -54,7 +54,7 @@ impl Default for RetryPolicy {
             backoff: Backoff::default(),
             jitter: Jitter::default(),
             max_retry_after: Duration::from_secs(60),
-            seed: rand::random(),
+            seed: crate::random::u64(),
             calls: Arc::new(AtomicU64::new(0)),
         }
     }
@@ -249,7 +249,7 @@ impl RetryPolicyBuilder {
             backoff: self.backoff,
             jitter: self.jitter,
             max_retry_after: self.max_retry_after,
-            seed: self.seed.unwrap_or_else(rand::random),
+            seed: self.seed.unwrap_or_else(crate::random::u64),
             calls: Arc::new(AtomicU64::new(0)),
         })
     }

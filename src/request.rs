@@ -12,9 +12,9 @@ use std::fmt;
 use bytes::Bytes;
 
 pub use self::clone_body::CloneBody;
-pub(crate) use self::key_headers::{
-    key_from_headers, key_of_parts, single_header, stamp_attempt, stamp_key,
-};
+#[cfg(feature = "reqwest")]
+pub(crate) use self::key_headers::key_from_headers;
+pub(crate) use self::key_headers::{key_of_parts, single_header, stamp_attempt, stamp_key};
 use http::header::HeaderName;
 use http::{Extensions, HeaderMap, HeaderValue, Method, Request, Uri};
 
@@ -80,9 +80,9 @@ impl IdempotencyKey {
         let mut buf = [0u8; 38];
         buf[0] = b'"';
         buf[37] = b'"';
-        uuid::Uuid::new_v4()
-            .hyphenated()
-            .encode_lower(&mut buf[1..37]);
+        let mut text = [0u8; 36];
+        crate::random::uuid_v4(&mut text);
+        buf[1..37].copy_from_slice(&text);
         let header = HeaderValue::from_maybe_shared(Bytes::from_owner(buf))
             .unwrap_or_else(|_| unreachable!("a quoted UUID is a valid header value"));
         IdempotencyKey { header }
@@ -106,14 +106,7 @@ impl IdempotencyKey {
     pub fn from_header(value: &HeaderValue) -> Result<Self, InvalidKey> {
         let bytes = value.as_bytes();
         if bytes.first() == Some(&b'"') {
-            let text = std::str::from_utf8(bytes).map_err(|_| InvalidKey::new("not ASCII"))?;
-            let item = sfv::Parser::new(text)
-                .parse::<sfv::Item>()
-                .map_err(|_| InvalidKey::new("not a structured-field string"))?;
-            match item.bare_item {
-                sfv::BareItem::String(s) => IdempotencyKey::new(s.as_str()),
-                _ => Err(InvalidKey::new("not a structured-field string")),
-            }
+            IdempotencyKey::new(sf_string(bytes)?)
         } else {
             validate(bytes)?;
             // Safe to unwrap-free convert: validated as visible ASCII.
@@ -133,6 +126,35 @@ impl IdempotencyKey {
     pub fn header_value(&self) -> &HeaderValue {
         &self.header
     }
+}
+
+/// The string of an RFC 8941 structured-field Item that is a String (`"..."`, with `\"` and
+/// `\\` escapes, optional parameters after it, surrounding spaces allowed). Only what a key
+/// can hold passes [`validate`] afterwards, so the escapes only serve to name the error.
+fn sf_string(bytes: &[u8]) -> Result<String, InvalidKey> {
+    let not_sf = || InvalidKey::new("not a structured-field string");
+    let trimmed = bytes.trim_ascii_start();
+    let rest = trimmed.strip_prefix(b"\"").ok_or_else(not_sf)?;
+    let mut out = String::with_capacity(rest.len());
+    let mut chars = rest.iter();
+    loop {
+        match chars.next() {
+            None => return Err(not_sf()), // no closing quote
+            Some(b'"') => break,
+            Some(b'\\') => match chars.next() {
+                Some(&c @ (b'"' | b'\\')) => out.push(char::from(c)),
+                _ => return Err(not_sf()),
+            },
+            Some(&c) if (0x20..=0x7e).contains(&c) => out.push(char::from(c)),
+            Some(_) => return Err(not_sf()),
+        }
+    }
+    // Parameters (`;name=value`) may follow the Item; anything else may not.
+    let after = chars.as_slice().trim_ascii_end();
+    if !after.is_empty() && (after[0] != b';' || !after.iter().all(|c| (0x20..=0x7e).contains(c))) {
+        return Err(not_sf());
+    }
+    Ok(out)
 }
 
 fn validate(bytes: &[u8]) -> Result<(), InvalidKey> {

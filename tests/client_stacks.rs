@@ -94,7 +94,7 @@ async fn concurrency_limit_inside_and_rate_limit_outside() {
         .service_fn(move |_: Request<String>| {
             let n = c.fetch_add(1, Ordering::SeqCst);
             async move {
-                let status = if n % 2 == 0 { 503 } else { 200 };
+                let status = if n.is_multiple_of(2) { 503 } else { 200 };
                 Ok::<_, BoxError>(
                     Response::builder()
                         .status(status)

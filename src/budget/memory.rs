@@ -241,7 +241,7 @@ impl MemoryStore {
         MemoryStore {
             inner: Arc::new(Inner {
                 parts,
-                seed: rand::random(),
+                seed: crate::random::u64(),
                 start: Instant::now(),
                 draws: AtomicU64::new(0),
                 swept_at: AtomicU64::new(0),

@@ -256,10 +256,8 @@ impl<St: IdempotencyStore> DedupeFn<St> {
                     if now >= give_up_at {
                         return Err(DedupeFnError::InFlight);
                     }
-                    tokio::select! {
-                        _ = settled => {}
-                        _ = tokio::time::sleep(pause.min(give_up_at - now)) => {}
-                    }
+                    // Wakes when the running call settles, or after the pause.
+                    let _ = tokio::time::timeout(pause.min(give_up_at - now), settled).await;
                     pause = (pause * 2).min(Duration::from_secs(1));
                 }
                 Ok(Begin::Mismatch) => return Err(DedupeFnError::Mismatch),

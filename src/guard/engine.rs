@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use tokio::time::Instant;
-use tower::{Service, ServiceExt};
+use tower::Service;
 
 use super::call::{Attempt, Call};
 use super::request::{CallRequest, GuardChange};
@@ -193,10 +193,10 @@ impl<C> Guard<C> {
     {
         let deadline = Instant::now() + self.shared.layer.policy.max_total_time();
         let f = &f;
-        let service = tower::service_fn(move |request: CallRequest| f(request.attempt()));
+        let service = FnService(move |request: CallRequest| f(request.attempt()));
         let mut retry = Retry::new(service, self.shared.clone());
-        // A `service_fn` is always ready; the engine polls it again before each retry.
-        let retry = retry.ready().await?;
+        // A function is always ready; the engine polls it again before each retry.
+        std::future::poll_fn(|cx| retry.poll_ready(cx)).await?;
         retry.call(CallRequest::new(call, deadline)).await
     }
 }
@@ -214,5 +214,28 @@ impl<C, H> RetryLayer<C, H> {
     /// and key minting (see [`Guard::new`]).
     pub fn guard(self) -> Guard {
         Guard::new(self)
+    }
+}
+
+/// A function as a `Service` that is always ready (tower's `service_fn`, without its
+/// `util` feature).
+#[derive(Clone)]
+struct FnService<F>(F);
+
+impl<F, Fut, T, E> Service<CallRequest> for FnService<F>
+where
+    F: FnMut(CallRequest) -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    type Response = T;
+    type Error = E;
+    type Future = Fut;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), E>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: CallRequest) -> Fut {
+        (self.0)(request)
     }
 }

@@ -131,9 +131,9 @@ impl Stored {
 pub struct ClaimToken(u128);
 
 impl ClaimToken {
-    /// A new random token (122 random bits, as a UUID v4).
+    /// A new random token (128 random bits).
     pub fn random() -> Self {
-        ClaimToken(uuid::Uuid::new_v4().as_u128())
+        ClaimToken(u128::from_le_bytes(crate::random::bytes16()))
     }
 
     /// A token from its raw value (as read back from a remote store).

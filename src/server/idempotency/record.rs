@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -232,10 +233,16 @@ impl<St: IdempotencyStore> Recorder<St> {
 }
 
 /// `fut`'s output, or `None` if the armed `timer` fires first.
-async fn or_timer<F: Future>(fut: F, timer: Pin<&mut Sleep>, armed: bool) -> Option<F::Output> {
-    tokio::select! {
-        biased;
-        out = fut => Some(out),
-        _ = timer, if armed => None,
-    }
+async fn or_timer<F: Future>(fut: F, mut timer: Pin<&mut Sleep>, armed: bool) -> Option<F::Output> {
+    let mut fut = std::pin::pin!(fut);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        if armed && timer.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        Poll::Pending
+    })
+    .await
 }
