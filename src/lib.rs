@@ -103,6 +103,7 @@ mod reqwest_impl;
 pub mod server;
 mod service;
 mod store;
+pub mod stream;
 
 pub use crate::backoff::{Backoff, Jitter};
 pub use crate::body::{BufferErrorBodyLayer, BufferRequestBodyLayer, BufferedBody, ErrorBody};

@@ -143,6 +143,8 @@ struct KindCounters {
     /// Calls not retried for another reason (not retryable, side effect without key,
     /// output unchanged, not cloneable, inner gave up).
     not_retried: AtomicU64,
+    /// Streams that failed after their first content event (never retried).
+    mid_stream: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -249,6 +251,9 @@ pub struct KindSnapshot {
     pub denied: [u64; 6],
     /// Calls not retried for another reason.
     pub not_retried: u64,
+    /// Streams that failed after their first content event had been delivered (never
+    /// retried; counted by [`StreamGuardLayer`](crate::stream::StreamGuardLayer)).
+    pub mid_stream_failures: u64,
 }
 
 impl KindSnapshot {
@@ -450,6 +455,24 @@ impl RetryStats {
         });
     }
 
+    /// A stream of `operation` failed with `kind` after its first content event had been
+    /// delivered. The call was already counted (as a success: its response was returned);
+    /// this counts the failure and, in the window, an upstream failure.
+    pub(crate) fn record_mid_stream_failure(&self, operation: &str, kind: ErrorKind) {
+        let handle = self.handle(OpKey::of_name(operation), || operation.to_owned());
+        self.with_handle(&handle, Instant::now(), |op, bucket| {
+            op.kinds[kind.index()].mid_stream.fetch_add(1, Relaxed);
+            bucket.failed.fetch_add(1, Relaxed);
+            #[cfg(feature = "metrics")]
+            metrics::counter!(
+                "retry_stream_failures_total",
+                "operation" => op.name.clone(),
+                "error_kind" => kind.as_str()
+            )
+            .increment(1);
+        });
+    }
+
     /// The operations seen, by name.
     pub fn operations(&self) -> Vec<String> {
         let mut names: Vec<String> = self.inner.ops.iter().map(|e| e.name.clone()).collect();
@@ -482,6 +505,7 @@ impl RetryStats {
             exhausted: k.exhausted.load(Relaxed),
             denied: std::array::from_fn(|i| k.denied[i].load(Relaxed)),
             not_retried: k.not_retried.load(Relaxed),
+            mid_stream_failures: k.mid_stream.load(Relaxed),
         }
     }
 
@@ -498,6 +522,7 @@ impl RetryStats {
                 t.denied[i] += k.denied[i];
             }
             t.not_retried += k.not_retried;
+            t.mid_stream_failures += k.mid_stream_failures;
         }
         t
     }
@@ -597,9 +622,16 @@ impl fmt::Display for RetryStats {
                 w.recovered,
                 w.failed,
             )?;
+            if t.mid_stream_failures > 0 {
+                writeln!(
+                    f,
+                    "  {:<30} {:>8}  (after the first content event; not retried)",
+                    "mid-stream failures", t.mid_stream_failures
+                )?;
+            }
             for kind in ErrorKind::ALL {
                 let k = self.kind(&name, kind);
-                if k.failures == 0 {
+                if k.failures == 0 && k.mid_stream_failures == 0 {
                     continue;
                 }
                 writeln!(
