@@ -404,3 +404,70 @@ async fn a_non_stream_response_passes_through() {
     assert!(error.is_none());
     assert_eq!(got, "{\"data\":[]}");
 }
+
+#[cfg(feature = "reqwest")]
+#[tokio::test]
+async fn reqwest_streams_are_guarded_the_same_way() {
+    let (base, seen) = provider().await;
+    let stats = RetryStats::new();
+    let policy = RetryPolicy::builder()
+        .backoff(Backoff::exponential(
+            Duration::from_millis(2),
+            2.0,
+            Duration::from_millis(10),
+        ))
+        .build()
+        .unwrap();
+    let client = ServiceBuilder::new()
+        .layer(
+            RetryLayer::new()
+                .policy(policy)
+                .budgets(Budgets::none())
+                .stats(stats.clone()),
+        )
+        .layer(StreamGuardLayer::new().stats(stats.clone()))
+        .service(reqwest::Client::new());
+    let http = reqwest::Client::new();
+    let url = format!("{base}/v1/chat/completions");
+
+    // An Anthropic overloaded event first: retried with the same key, delivered whole.
+    let req = http
+        .post(&url)
+        .header("x-scenario", "anthropic")
+        .body("{}")
+        .build()
+        .unwrap();
+    let mut res = client.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.url().as_str(), url, "the response keeps its URL");
+    assert_eq!(res.extensions().get::<RetryInfo>().unwrap().attempts, 2);
+    let mut got = Vec::new();
+    while let Some(chunk) = res.chunk().await.unwrap() {
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(String::from_utf8(got).unwrap(), whole_bytes());
+    let keys = seen.lock().unwrap()["anthropic"].clone();
+    assert_eq!((keys.len(), keys[0].is_some()), (2, true));
+    assert_eq!(keys[0], keys[1]);
+
+    // Broken after 3 deltas: not retried; the MidStreamError is in reqwest's error chain.
+    let req = http
+        .post(&url)
+        .header("x-scenario", "mid")
+        .body("{}")
+        .build()
+        .unwrap();
+    let mut res = client.oneshot(req).await.unwrap();
+    let mut got = Vec::new();
+    let error = loop {
+        match res.chunk().await {
+            Ok(Some(chunk)) => got.extend_from_slice(&chunk),
+            Ok(None) => panic!("the stream should break"),
+            Err(e) => break e,
+        }
+    };
+    let mid = MidStreamError::find(&error).expect("a MidStreamError in the chain");
+    assert_eq!(mid.events(), 3);
+    assert_eq!(mid.bytes(), got.len() as u64);
+    assert_eq!(seen.lock().unwrap()["mid"].len(), 1);
+    assert_eq!(stats.totals(OP).mid_stream_failures, 1);
+}
