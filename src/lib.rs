@@ -85,6 +85,13 @@
 //! inner *error* comes back as [`RetryError`], whose [`RetryError::reason`] says why
 //! (exhausted, deadline, budget and which scope, not retryable, side effect without key,
 //! output unchanged) and whose `source()` / [`RetryError::into_inner`] give the inner error.
+//!
+//! ## Streams
+//!
+//! A streamed response (server-sent events) is retried before its first content event and
+//! never after: put [`stream::StreamGuardLayer`] inside the retry layer. A failure after the
+//! first token ends the body with a typed [`stream::MidStreamError`], counted in
+//! [`RetryStats`].
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
@@ -110,6 +117,7 @@ mod reqwest_impl;
 pub mod server;
 mod service;
 mod store;
+pub mod stream;
 
 pub use crate::backoff::{Backoff, Jitter};
 pub use crate::body::{BufferErrorBodyLayer, BufferRequestBodyLayer, BufferedBody, ErrorBody};

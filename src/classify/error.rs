@@ -74,7 +74,9 @@ impl<E: AsError + std::fmt::Debug + std::fmt::Display + 'static> AsError for cra
 /// Retryable: tower's timeout `Elapsed`, `io::ErrorKind::TimedOut` (→ [`ErrorKind::Timeout`]);
 /// connection refused, reset, aborted, not connected, broken pipe, unexpected EOF, and
 /// hyper's "connection closed before the message completed" and "request canceled"
-/// (→ [`ErrorKind::Connect`]). An error an inner retry layer of this crate already gave up on
+/// (→ [`ErrorKind::Connect`]). A stream guard's [`FirstTokenError`](crate::stream::FirstTokenError)
+/// is classified by its own [`outcome`](crate::stream::FirstTokenError::outcome); a
+/// [`MidStreamError`](crate::stream::MidStreamError) is never retried. An error an inner retry layer of this crate already gave up on
 /// fails with [`ErrorKind::GaveUp`]. Anything else fails with [`ErrorKind::Other`].
 pub fn classify_error(error: &(dyn StdError + 'static)) -> Outcome {
     // Bounded: source chains are short, but a buggy cyclic chain must not hang us.
@@ -83,6 +85,15 @@ pub fn classify_error(error: &(dyn StdError + 'static)) -> Outcome {
     while let Some(err) = current {
         if depth >= 32 {
             break;
+        }
+        // A stream guard's verdict: it read the stream, it knows.
+        if let Some(stream) = err.downcast_ref::<crate::stream::FirstTokenError>() {
+            return stream.outcome();
+        }
+        if let Some(stream) = err.downcast_ref::<crate::stream::MidStreamError>() {
+            return Outcome::Fail {
+                kind: stream.kind(),
+            };
         }
         if is_gave_up(err) {
             return Outcome::Fail {

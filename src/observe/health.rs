@@ -87,9 +87,16 @@ impl fmt::Display for RetryStats {
                 w.recovered,
                 w.failed,
             )?;
+            if t.mid_stream_failures > 0 {
+                writeln!(
+                    f,
+                    "  {:<30} {:>8}  (after the first content event; not retried)",
+                    "mid-stream failures", t.mid_stream_failures
+                )?;
+            }
             for kind in ErrorKind::ALL {
                 let k = self.kind(&name, kind);
-                if k.failures == 0 {
+                if k.failures == 0 && k.mid_stream_failures == 0 {
                     continue;
                 }
                 writeln!(

@@ -31,6 +31,9 @@ pub struct KindSnapshot {
     pub denied: [u64; 6],
     /// Calls not retried for another reason.
     pub not_retried: u64,
+    /// Streams that failed after their first content event had been delivered (never
+    /// retried; counted by [`StreamGuardLayer`](crate::stream::StreamGuardLayer)).
+    pub mid_stream_failures: u64,
 }
 
 impl KindSnapshot {

@@ -42,6 +42,8 @@ struct KindCounters {
     /// Calls not retried for another reason (not retryable, side effect without key,
     /// output unchanged, not cloneable, inner gave up).
     not_retried: AtomicU64,
+    /// Streams that failed after their first content event (never retried).
+    mid_stream: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -338,6 +340,24 @@ impl RetryStats {
         });
     }
 
+    /// A stream of `operation` failed with `kind` after its first content event had been
+    /// delivered. The call was already counted (as a success: its response was returned);
+    /// this counts the failure and, in the window, an upstream failure.
+    pub(crate) fn record_mid_stream_failure(&self, operation: &str, kind: ErrorKind) {
+        let handle = self.handle(OpKey::of_name(operation), || operation.to_owned());
+        self.with_handle(&handle, Instant::now(), |op, bucket| {
+            op.kinds[kind.index()].mid_stream.fetch_add(1, Relaxed);
+            bucket.failed.fetch_add(1, Relaxed);
+            #[cfg(feature = "metrics")]
+            metrics::counter!(
+                "retry_stream_failures_total",
+                "operation" => op.name.clone(),
+                "error_kind" => kind.as_str()
+            )
+            .increment(1);
+        });
+    }
+
     /// The operations seen, by name ([`OVERFLOW_OPERATION`] once it counted a call).
     pub fn operations(&self) -> Vec<String> {
         let overflow = &self.inner.overflow;
@@ -377,6 +397,7 @@ impl RetryStats {
             exhausted: k.exhausted.load(Relaxed),
             denied: std::array::from_fn(|i| k.denied[i].load(Relaxed)),
             not_retried: k.not_retried.load(Relaxed),
+            mid_stream_failures: k.mid_stream.load(Relaxed),
         }
     }
 
@@ -393,6 +414,7 @@ impl RetryStats {
                 t.denied[i] += k.denied[i];
             }
             t.not_retried += k.not_retried;
+            t.mid_stream_failures += k.mid_stream_failures;
         }
         t
     }
