@@ -630,3 +630,25 @@ async fn stats_count_guarded_calls() {
     assert_eq!(timeouts.retries, 4);
     assert_eq!(timeouts.failures, 5);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_function_ends_at_the_total_time() {
+    let guard = RetryLayer::new()
+        .policy(
+            RetryPolicy::builder()
+                .max_total_time(Duration::from_secs(2))
+                .build()
+                .unwrap(),
+        )
+        .budgets(Budgets::none())
+        .guard();
+    let start = Instant::now();
+    let result: Result<(), _> = guard
+        .run(Call::new("hangs").read_only(), |_| {
+            std::future::pending::<Result<(), io::Error>>()
+        })
+        .await;
+    let err = result.unwrap_err();
+    assert!(matches!(err.reason(), StopReason::Deadline { .. }), "{err}");
+    assert!(start.elapsed() <= Duration::from_secs(2) + ms(1));
+}

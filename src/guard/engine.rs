@@ -182,8 +182,9 @@ impl<C> Guard<C> {
     /// unchanged) with `f`'s last error inside. A classifier that rejects an `Ok` on the
     /// last attempt returns it as it is, as the layer returns a failing response.
     ///
-    /// The guard bounds the waits and the number of attempts, not an attempt that hangs:
-    /// bound each attempt with [`Attempt::deadline`].
+    /// Total time is total: an attempt still running at the policy's `max_total_time` is
+    /// dropped and the call stops with [`StopReason::Deadline`](crate::StopReason::Deadline)
+    /// (the same engine as the layer). [`Attempt::deadline`] tells `f` how long it has.
     pub async fn run<F, Fut, T, E>(&self, call: Call, f: F) -> Result<T, RetryError<E>>
     where
         F: Fn(Attempt) -> Fut,
