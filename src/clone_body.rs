@@ -6,6 +6,10 @@ use bytes::Bytes;
 ///
 /// Implemented for the usual in-memory bodies. A streaming body (`hyper::body::Incoming`)
 /// cannot be replayed; buffer it first (see [`crate::BufferedBody`]).
+#[diagnostic::on_unimplemented(
+    message = "the body `{Self}` cannot be replayed for a retry",
+    note = "buffer a streaming body first: put `BufferRequestBodyLayer` outside the `RetryLayer` (its `BufferedBody` implements `CloneBody`), or use `String`, `Bytes` or `Full<Bytes>`"
+)]
 pub trait CloneBody: Sized {
     /// A copy of the body, or `None` if it cannot be replayed.
     fn try_clone_body(&self) -> Option<Self>;

@@ -321,6 +321,12 @@ impl<'a> RequestView<'a> {
 /// carries its key: see the `tool_call` example).
 ///
 /// Every method is called by the layer, never by users.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be retried by `RetryLayer`: it does not implement `RetryRequest`",
+    label = "the request type of the service behind `RetryLayer`",
+    note = "`http::Request<B>` is retryable when its body `B` implements `CloneBody` (`String`, `Bytes`, `Full<Bytes>`, `BufferedBody`); put `BufferRequestBodyLayer` outside the retry for a streaming body",
+    note = "for `reqwest::Request`, enable the `reqwest` feature; for your own request type (a tool call), implement `RetryRequest` or use `Guard::run`"
+)]
 pub trait RetryRequest: Sized {
     /// A copy for the next attempt. Called once per logical call, before the first attempt,
     /// after the key was stamped, and again before each retry. `None` turns retries off for

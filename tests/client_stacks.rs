@@ -359,3 +359,28 @@ async fn reqwest_client_against_a_real_server() {
     let body = res.text().await.unwrap();
     assert_eq!(body, format!("\"{}\"", info.key.unwrap().as_str()));
 }
+
+/// With the `hyper-util` feature, the legacy client's error is classified as it is: no
+/// `map_err` under the layer.
+#[cfg(feature = "hyper-util")]
+#[tokio::test]
+async fn hyper_util_client_needs_no_map_err() {
+    let hits = Arc::new(AtomicU32::new(0));
+    let base = serve(flaky_router(hits.clone())).await;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let mut svc = ServiceBuilder::new().layer(layer()).service(client);
+    let res = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(
+            Request::post(format!("{base}/v1/chat/completions"))
+                .body(Full::new(Bytes::from_static(b"{}")))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(hits.load(Ordering::SeqCst), 3);
+}

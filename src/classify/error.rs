@@ -12,6 +12,11 @@ use super::{Classify, ErrorKind, Outcome};
 /// common error types are listed here. For another error type, implement this trait (one
 /// line: `fn as_error(&self) -> &(dyn Error + 'static) { self }`) or classify with a closure
 /// that calls [`classify_error`].
+#[diagnostic::on_unimplemented(
+    message = "the retry layer cannot classify errors of type `{Self}`",
+    note = "map the inner service's error into `tower::BoxError` (`ServiceBuilder::new().layer(retry).map_err(BoxError::from).service(client)`), implement `AsError` for it (one line), or give the layer a classifier closure",
+    note = "hyper-util's legacy client error implements it with the `hyper-util` feature; reqwest's with the `reqwest` feature"
+)]
 pub trait AsError {
     /// The error as a `std::error::Error` trait object whose source chain can be walked.
     fn as_error(&self) -> &(dyn StdError + 'static);
@@ -47,6 +52,13 @@ impl AsError for io::Error {
 }
 
 impl AsError for tower::timeout::error::Elapsed {
+    fn as_error(&self) -> &(dyn StdError + 'static) {
+        self
+    }
+}
+
+#[cfg(feature = "hyper-util")]
+impl AsError for hyper_util::client::legacy::Error {
     fn as_error(&self) -> &(dyn StdError + 'static) {
         self
     }

@@ -148,6 +148,11 @@ impl fmt::Display for ErrorKind {
 ///
 /// Called by the layer once after every attempt, with the attempt's result, before anything
 /// else is decided. It must be cheap and must not block: it runs on the success path.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot classify a `Result<{Res}, {E}>`",
+    note = "the `LlmHttp` preset classifies `http::Response<B>` (and `reqwest::Response` with the `reqwest` feature) with an error that implements `AsError` (`BoxError`, `io::Error`, ...): add `.map_err(BoxError::from)` under the retry layer",
+    note = "any closure `Fn(&Result<Res, E>) -> Outcome` is a classifier too"
+)]
 pub trait Classify<Res, E> {
     /// Classifies one attempt's result.
     fn classify(&self, result: &Result<Res, E>) -> Outcome;
