@@ -54,17 +54,19 @@
 
 mod budget;
 mod codec;
+mod conn;
 mod idempotency;
+mod keys;
 
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{Client, Script, Value};
+use ::redis::aio::ConnectionManager;
+use ::redis::{Script, Value};
 
-use crate::budget::{Draw, Limit};
+use self::conn::Conn;
 use crate::server::ScopedKey;
 use crate::store::StoreError;
 
@@ -96,7 +98,7 @@ use crate::store::StoreError;
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    manager: ConnectionManager,
+    conn: Conn,
     prefix: Arc<str>,
     timeout: Duration,
     max_keys_per_principal: u64,
@@ -139,22 +141,60 @@ impl RedisStore {
                 "RedisStore::new must be called within a Tokio runtime",
             ));
         }
-        let client = Client::open(url).map_err(|e| store_error("url", e))?;
-        let config = ConnectionManagerConfig::new()
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(1))
-            .set_number_of_retries(6)
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(None);
-        let manager = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| store_error("connection", e))?;
-        Ok(RedisStore::from_manager(manager))
+        Conn::single(url)
+            .map(RedisStore::with)
+            .map_err(|e| store_error("url", e))
     }
 
     /// A store on an existing connection manager, with the default prefix and timeout.
     pub fn from_manager(manager: ConnectionManager) -> Self {
+        RedisStore::with(Conn::Single(manager))
+    }
+
+    /// A store on the Redis Cluster that `nodes` belong to (`redis://host:port/` each; one
+    /// reachable node is enough to learn the others), with the default prefix and timeout.
+    ///
+    /// Keys are hash-tagged so that each script call touches one slot while the keys spread
+    /// over every master (the key table in `src/redis/mod.rs`). Connects lazily, in the
+    /// background, as [`RedisStore::new`] does; a node that dies, a moved slot or a failover
+    /// is followed without a restart: a call in the gap is a [`StoreError`] within the
+    /// timeout. Must be called within a Tokio runtime (an error otherwise).
+    #[cfg(feature = "redis-cluster")]
+    pub fn cluster<I, S>(nodes: I) -> Result<Self, StoreError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(StoreError::new(
+                "RedisStore::cluster must be called within a Tokio runtime",
+            ));
+        }
+        let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_owned()).collect();
+        if nodes.is_empty() {
+            return Err(StoreError::new("RedisStore::cluster needs at least one node"));
+        }
+        Conn::cluster(&nodes)
+            .map(RedisStore::with)
+            .map_err(|e| store_error("cluster nodes", e))
+    }
+
+    /// A store on an existing cluster connection (built with your own
+    /// [`ClusterClient`](::redis::cluster::ClusterClient) settings), with the default prefix
+    /// and timeout; keys take the cluster layout.
+    #[cfg(feature = "redis-cluster")]
+    pub fn from_cluster_connection(connection: ::redis::cluster_async::ClusterConnection) -> Self {
+        RedisStore::with(Conn::Cluster(connection))
+    }
+
+    /// Whether this store talks to a Redis Cluster (and lays its keys out for one).
+    pub fn is_cluster(&self) -> bool {
+        self.conn.is_cluster()
+    }
+
+    fn with(conn: Conn) -> Self {
         RedisStore {
-            manager,
+            conn,
             prefix: Arc::from(Self::DEFAULT_PREFIX),
             timeout: Self::DEFAULT_TIMEOUT,
             max_keys_per_principal: DEFAULT_MAX_KEYS_PER_PRINCIPAL,
@@ -197,16 +237,13 @@ impl RedisStore {
 
     /// Checks that Redis answers (`PING`) within the timeout: for readiness probes.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.manager.clone();
-        let answer: String = self
-            .bounded("ping", async move {
-                ::redis::cmd("PING").query_async(&mut conn).await
-            })
+        let answer = self
+            .bounded("ping", self.conn.query(&::redis::cmd("PING")))
             .await?;
-        if answer == "PONG" {
-            Ok(())
-        } else {
-            Err(store_error("ping", format!("unexpected answer {answer:?}")))
+        match &answer {
+            Value::SimpleString(s) if s == "PONG" => Ok(()),
+            Value::BulkString(b) if b == b"PONG" => Ok(()),
+            _ => Err(store_error("ping", format!("unexpected answer {answer:?}"))),
         }
     }
 
@@ -226,32 +263,6 @@ impl RedisStore {
         }
     }
 
-    fn budget_key(&self, draw: &Draw) -> String {
-        let kind = match draw.limit {
-            Limit::Count { .. } => "c",
-            Limit::Rate { .. } => "r",
-        };
-        // Any id, bounded: a long or unusual one under its digest (as `Budgets` sends it).
-        format!(
-            "{}b:{kind}:{}:{}",
-            self.prefix,
-            draw.scope.as_str(),
-            crate::budget::budget_key(&draw.key)
-        )
-    }
-
-    fn idempotency_key(&self, key: &ScopedKey) -> String {
-        format!("{}i:{}", self.prefix, key.storage_key())
-    }
-
-    /// The sorted set of the keys `key`'s principal holds.
-    fn principal_keys(&self, key: &ScopedKey) -> String {
-        match key.principal() {
-            None => format!("{}ip:g", self.prefix),
-            Some(p) => format!("{}ip:p:{}:{p}", self.prefix, p.len()),
-        }
-    }
-
     /// Runs one idempotency script that answers an integer.
     async fn int_script(
         &self,
@@ -260,17 +271,13 @@ impl RedisStore {
         key: &ScopedKey,
         args: &[&[u8]],
     ) -> Result<i64, StoreError> {
+        let keys = self.idempotency_keys(key);
         let mut invocation = script.prepare_invoke();
-        invocation
-            .key(self.idempotency_key(key))
-            .key(self.principal_keys(key));
+        invocation.key(keys.key).key(keys.share);
         for a in args {
             invocation.arg(*a);
         }
-        let mut conn = self.manager.clone();
-        let value: Value = self
-            .bounded(what, invocation.invoke_async(&mut conn))
-            .await?;
+        let value = self.bounded(what, self.conn.invoke(&invocation)).await?;
         match value {
             Value::Int(n) => Ok(n),
             other => Err(store_error(what, format!("unexpected answer {other:?}"))),
