@@ -159,9 +159,10 @@ impl RedisStore {
         let mut invocation = script.prepare_invoke();
         for (&i, key) in group.draws.iter().zip(&group.keys) {
             invocation.key(key);
-            let limit = draws.get(i).map(|d| d.limit).ok_or_else(|| {
-                store_error(what, "draw index out of range (a bug in the store)")
-            })?;
+            let limit = draws
+                .get(i)
+                .map(|d| d.limit)
+                .ok_or_else(|| store_error(what, "draw index out of range (a bug in the store)"))?;
             for a in draw_args(limit) {
                 invocation.arg(a);
             }
@@ -184,7 +185,11 @@ impl RedisStore {
         let mut failed = None;
         let mut granted = Vec::new();
         for (group, answer) in groups.iter().zip(answers) {
-            let subset: Vec<Draw> = group.draws.iter().filter_map(|&i| draws.get(i).cloned()).collect();
+            let subset: Vec<Draw> = group
+                .draws
+                .iter()
+                .filter_map(|&i| draws.get(i).cloned())
+                .collect();
             match answer.and_then(|v| parse_grant(&v, &subset).map(|g| (v, g))) {
                 Ok((_, Grant::Granted)) => granted.push(group),
                 Ok((v, grant @ Grant::Denied { .. })) => {
@@ -228,7 +233,8 @@ type Pending<'a> = std::pin::Pin<Box<dyn Future<Output = Result<Value, StoreErro
 
 /// Runs every future at once; their answers in order.
 async fn join_all(mut futures: Vec<Pending<'_>>) -> Vec<Result<Value, StoreError>> {
-    let mut answers: Vec<Option<Result<Value, StoreError>>> = futures.iter().map(|_| None).collect();
+    let mut answers: Vec<Option<Result<Value, StoreError>>> =
+        futures.iter().map(|_| None).collect();
     std::future::poll_fn(|cx| {
         let mut pending = false;
         for (f, slot) in futures.iter_mut().zip(answers.iter_mut()) {

@@ -172,19 +172,22 @@ impl RedisStore {
         }
         let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_owned()).collect();
         if nodes.is_empty() {
-            return Err(StoreError::new("RedisStore::cluster needs at least one node"));
+            return Err(StoreError::new(
+                "RedisStore::cluster needs at least one node",
+            ));
         }
         Conn::cluster(&nodes)
             .map(RedisStore::with)
             .map_err(|e| store_error("cluster nodes", e))
     }
 
-    /// A store on an existing cluster connection (built with your own
-    /// [`ClusterClient`](::redis::cluster::ClusterClient) settings), with the default prefix
-    /// and timeout; keys take the cluster layout.
+    /// A store on a Redis Cluster through a client built with your own settings (TLS,
+    /// credentials, timeouts), with the default prefix and timeout; keys take the cluster
+    /// layout. The store makes its connections from it, lazily, and makes a new one after a
+    /// call that lost the cluster (a dead node, a failover), at most every 200 ms.
     #[cfg(feature = "redis-cluster")]
-    pub fn from_cluster_connection(connection: ::redis::cluster_async::ClusterConnection) -> Self {
-        RedisStore::with(Conn::Cluster(connection))
+    pub fn from_cluster_client(client: ::redis::cluster::ClusterClient) -> Self {
+        RedisStore::with(Conn::from_cluster_client(client))
     }
 
     /// Whether this store talks to a Redis Cluster (and lays its keys out for one).
@@ -255,11 +258,17 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(store_error(what, e)),
-            Err(_) => Err(store_error(
-                what,
-                format!("no answer within {:?}", self.timeout),
-            )),
+            Ok(Err(e)) => {
+                self.conn.failed(Some(&e));
+                Err(store_error(what, e))
+            }
+            Err(_) => {
+                self.conn.failed(None);
+                Err(store_error(
+                    what,
+                    format!("no answer within {:?}", self.timeout),
+                ))
+            }
         }
     }
 
