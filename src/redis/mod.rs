@@ -1,12 +1,14 @@
 //! The Redis store (feature `redis`): task and user budgets, and idempotency keys, shared by
-//! every process that talks to one Redis.
+//! every process that talks to one Redis, or (feature `redis-cluster`) to one Redis Cluster.
 //!
 //! # One round trip per decision
 //!
 //! Every method is **one** Lua script call (`EVALSHA`; [`redis::Script`] loads the script
-//! and calls again when Redis answers `NOSCRIPT`, e.g. after a restart). A script runs
-//! atomically in Redis, so a budget decision over several draws is all or nothing without
-//! locks or refunds: the script checks every draw first and writes only if all pass.
+//! and calls again when Redis answers `NOSCRIPT`, e.g. after a restart or on a promoted
+//! replica). A script runs atomically in Redis, so a budget decision over several draws is
+//! all or nothing without locks or refunds: the script checks every draw first and writes
+//! only if all pass. On a cluster, the one exception is a decision whose draws live in
+//! different slots (see below).
 //!
 //! # Clock
 //!
@@ -29,14 +31,64 @@
 //! then the body (the rest). Integers are big endian. A stored value that does not decode is
 //! a [`StoreError`], never a panic.
 //!
-//! The scripts touch several keys of one call; on Redis Cluster, put the keys of one call in
-//! one slot with a hash-tagged prefix, e.g. `{trg}:` (then every key lives in that slot).
+//! # On Redis Cluster
+//!
+//! A script may touch only keys of one slot, and a slot lives on one master. The cluster
+//! layout ([`RedisStore::cluster`]) puts a hash tag (`{...}`: the part Redis hashes) in every
+//! key, chosen so that each script call touches one slot while the keys, and so the load,
+//! spread over every master:
+//!
+//! | key | tag |
+//! |---|---|
+//! | `<prefix>b:c:{<scope>:<id>}`, `<prefix>b:r:{<scope>:<id>}` | the scope and id: each task and each user its own slot |
+//! | `<prefix>i:{<t>}:<scoped key>` | `t` = `g:<b>` (no principal) or `p:<XXH3-64 of the principal, hex>:<b>`, with `b` = XXH3-64 of the scoped key mod 16 |
+//! | `<prefix>ip:{<t>}` (`g`), `<prefix>ip:{<t>}:<length>:<principal>` | the same `t`: a share set sits in the slot of the keys it counts |
+//!
+//! *Idempotency*: each step on a key is still one script, in one slot. A principal's share
+//! set must be in its keys' slot, but one set per principal would put all of a tenant's
+//! keys (and its load) on one master. So each principal has 16 buckets, each a slot of its
+//! own with its own set, and a key's bucket comes from the key: one tenant spreads over 16
+//! slots, and many tenants over all of them. The share is then enforced per bucket:
+//! `ceil(max / 16)` keys each, so a principal holds at most `16 * ceil(max / 16)` keys and is
+//! refused a new one when that key's bucket is full (with thousands of keys, within a few
+//! percent of `max`; with a small `max`, sooner, as keys fall unevenly into buckets).
+//!
+//! *Budgets*: one decision draws a task and a user, and neither id can go into the other's
+//! key: tagging both by the user would count a task drawn under two users twice over (an id
+//! would widen a budget), and tagging by the task would split each user's budget across its
+//! tasks. So each scope and id has its own slot, and a decision whose draws share a slot (one
+//! draw, or the same tag) is one script as on one Redis. A decision over several slots sends
+//! one script per slot, all at once (one round trip of latency, one call per slot); if one
+//! refuses or fails, the draws the others took are given back (a count decremented, a rate's
+//! arrival time moved back) before the decision answers, so it stays all or nothing. Between
+//! a take and its give-back, a concurrent decision may see the draw taken and be refused: an
+//! error on the side of fewer retries, never more; a give-back that fails leaves the draw
+//! spent, the same way.
+//!
+//! A prefix with its own tag (e.g. `{trg}:`) pins every key to that tag's slot: correct,
+//! but one master does all the work.
+//!
+//! Run the cluster with `cluster-require-full-coverage no`, so the other masters keep
+//! answering while one master's slots fail over.
 //!
 //! # Failures
 //!
 //! Every call is bounded by the store's [timeout](RedisStore::timeout) (default 250 ms); an
 //! error, a timeout or a malformed answer is a [`StoreError`]. The [`ConnectionManager`]
-//! reconnects in the background, so the store recovers by itself once Redis is back. What a
+//! reconnects in the background, so the store recovers by itself once Redis is back. On a
+//! cluster, a call that lost the cluster (an I/O error, a timeout, a cluster error) has the
+//! store make a fresh cluster connection (at most every 200 ms), which reads the slot map
+//! from the live nodes: after a master dies, calls for its slots fail until its replica is
+//! promoted, then succeed (measured: within 0.2 s of the promotion, `tests/store_redis_cluster.rs`).
+//! The cluster client may send a command again after a dropped connection; `begin` knows its
+//! own token, so a claim sent twice is still the caller's, and a budget draw sent twice is
+//! spent twice (fewer retries, never more).
+//!
+//! Redis replicates asynchronously: a write acknowledged by a master that dies before its
+//! replica has it is lost in the failover. A lost claim is re-made by its holder's next
+//! renewal (every third of the lease) and a lost result by nothing: a retry of that request
+//! could then run it again. The window is the replication lag (well under a millisecond on a
+//! healthy link); this store does not close it (no `WAIT`). What a
 //! [`StoreError`] means for a retry is [`Budgets::on_store_error`](crate::Budgets::on_store_error)
 //! (fail closed by default); the [`IdempotencyLayer`](crate::server::IdempotencyLayer) answers
 //! 503.
@@ -76,7 +128,8 @@ use crate::store::StoreError;
 /// Each call is one atomic Lua script (one round trip), timed by Redis's clock, bounded by a
 /// timeout; see the `redis` module source (`src/redis/`) for the keys, values and scripts.
 ///
-/// Clones share the connection (a multiplexed [`ConnectionManager`] that reconnects).
+/// Clones share the connection (a multiplexed [`ConnectionManager`] that reconnects, or a
+/// cluster connection that is made afresh when it loses the cluster).
 ///
 /// ```no_run
 /// use std::time::Duration;
