@@ -112,7 +112,10 @@ fn main() {
     c.final_summary();
 
     let masters = cluster.masters();
-    let calls: Vec<u64> = masters.iter().map(|&m| RedisCluster::script_calls(m)).collect();
+    let calls: Vec<u64> = masters
+        .iter()
+        .map(|&m| RedisCluster::script_calls(m))
+        .collect();
     let total: u64 = calls.iter().sum();
     println!("cluster script calls per master (INFO commandstats): {calls:?} of {total}");
     for c in &calls {

@@ -68,7 +68,10 @@ impl Conn {
     /// lost track of the cluster (a dead node, a failover) is rebuilt.
     pub(super) fn failed(&self, error: Option<&RedisError>) {
         match self {
-            Conn::Single(_) => {}
+            // The connection manager reconnects by itself.
+            Conn::Single(_) => {
+                let _ = error;
+            }
             #[cfg(feature = "redis-cluster")]
             Conn::Cluster(c) => {
                 let lost = error.is_none_or(|e| {
