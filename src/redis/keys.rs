@@ -74,3 +74,74 @@ impl RedisStore {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::budget::Scope;
+    use crate::request::IdempotencyKey;
+    use std::time::Duration;
+
+    /// The part of a key Redis hashes on a cluster.
+    fn tag(key: &str) -> &str {
+        let open = key.find('{').map_or(0, |i| i + 1);
+        let close = key[open..].find('}').map_or(key.len(), |i| open + i);
+        &key[open..close]
+    }
+
+    fn draw(scope: Scope, id: &str) -> Draw {
+        Draw {
+            scope,
+            key: id.to_owned(),
+            limit: Limit::Count {
+                max: 1,
+                ttl: Duration::from_secs(1),
+            },
+        }
+    }
+
+    fn scoped(principal: Option<&str>, k: &str) -> ScopedKey {
+        ScopedKey::new(principal, IdempotencyKey::new(k).expect("a key"))
+    }
+
+    #[tokio::test]
+    async fn the_single_node_layout_is_unchanged() {
+        let store = RedisStore::new("redis://127.0.0.1:1/").expect("a lazy store");
+        assert_eq!(
+            store.budget_key(&draw(Scope::Task, "t")).0,
+            "trg:b:c:task:t"
+        );
+        let k = store.idempotency_keys(&scoped(Some("alice"), "k"));
+        assert_eq!(
+            (k.key.as_str(), k.share.as_str()),
+            ("trg:i:p:5:alice:k", "trg:ip:p:5:alice")
+        );
+        assert_eq!(store.idempotency_keys(&scoped(None, "k")).share, "trg:ip:g");
+    }
+
+    #[cfg(feature = "redis-cluster")]
+    #[tokio::test]
+    async fn on_a_cluster_each_call_is_one_slot_and_a_principal_spreads() {
+        let store = RedisStore::cluster(["redis://127.0.0.1:1/"]).expect("a lazy store");
+        let (task, t) = store.budget_key(&draw(Scope::Task, "t"));
+        let (user, _) = store.budget_key(&draw(Scope::User, "t"));
+        assert_eq!((tag(&task), t.as_deref()), ("task:t", Some("task:t")));
+        assert_eq!(tag(&user), "user:t");
+        let mut tags = std::collections::HashSet::new();
+        for i in 0..200 {
+            for p in [Some("a}b{c"), None] {
+                let k = store.idempotency_keys(&scoped(p, &format!("k{i}")));
+                assert_eq!(tag(&k.key), tag(&k.share), "{k:?}", k = k.key);
+                assert_eq!(k.cap, DEFAULT_MAX.div_ceil(SHARE_BUCKETS));
+                tags.insert(tag(&k.key).to_owned());
+            }
+        }
+        assert_eq!(tags.len(), 2 * SHARE_BUCKETS as usize);
+        // Two principals never share a share set.
+        let a = store.idempotency_keys(&scoped(Some("a"), "k"));
+        let b = store.idempotency_keys(&scoped(Some("b"), "k"));
+        assert_ne!(a.share, b.share);
+    }
+
+    const DEFAULT_MAX: u64 = 25_000;
+}
