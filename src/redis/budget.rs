@@ -1,5 +1,6 @@
 //! The budget half of [`RedisStore`]: one script call per decision, all draws or none.
 
+use std::future::Future;
 use std::sync::LazyLock;
 use std::time::Duration;
 
@@ -110,22 +111,196 @@ fn draw_args(limit: Limit) -> [String; 4] {
     }
 }
 
+/// Gives back one granted draw per key, in the layout of [`DRAW_LUA`] (a cluster decision
+/// whose draws span slots takes each slot's draws in its own script call; when one refuses,
+/// the others are given back). A count is decremented (its expiry kept); a rate's arrival
+/// time moves back one interval (the key deleted once the bucket is full again).
+const REFUND_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i = 1, #KEYS do
+  local k = KEYS[i]
+  local base = (i - 1) * 4
+  local cur = tonumber(redis.call('GET', k))
+  if cur then
+    if ARGV[base + 1] == 'c' then
+      if cur > 0 then redis.call('DECR', k) end
+    else
+      local back = cur - tonumber(ARGV[base + 2])
+      if back <= now then
+        redis.call('DEL', k)
+      else
+        local px = math.ceil((back - now) / 1000)
+        redis.call('SET', k, string.format('%.0f', back), 'PX', string.format('%.0f', px))
+      end
+    end
+  end
+end
+return 1
+"#;
+
+static REFUND: LazyLock<Script> = LazyLock::new(|| Script::new(REFUND_LUA));
+
+/// The draws of one decision that share a slot: their indices in the decision, their keys.
+struct Group {
+    draws: Vec<usize>,
+    keys: Vec<String>,
+}
+
+impl RedisStore {
+    /// One script call over `keys` (draws `indices` of `draws`), bounded by the timeout.
+    async fn run(
+        &self,
+        what: &str,
+        script: &Script,
+        draws: &[Draw],
+        group: &Group,
+    ) -> Result<Value, StoreError> {
+        let mut invocation = script.prepare_invoke();
+        for (&i, key) in group.draws.iter().zip(&group.keys) {
+            invocation.key(key);
+            let limit = draws
+                .get(i)
+                .map(|d| d.limit)
+                .ok_or_else(|| store_error(what, "draw index out of range (a bug in the store)"))?;
+            for a in draw_args(limit) {
+                invocation.arg(a);
+            }
+        }
+        self.bounded(what, self.conn.invoke(&invocation)).await
+    }
+
+    /// A decision whose draws span several slots (cluster layout): each slot's draws in one
+    /// script call, all at once; if one refuses or fails, the granted ones are given back
+    /// before answering, so the decision stays all or nothing.
+    async fn draw_split(&self, draws: &[Draw], groups: Vec<Group>) -> Result<Grant, StoreError> {
+        let answers = join_all(
+            groups
+                .iter()
+                .map(|g| Box::pin(self.run("budget draw", &DRAW, draws, g)) as _)
+                .collect(),
+        )
+        .await;
+        let mut denied: Option<(usize, Grant)> = None;
+        let mut failed = None;
+        let mut granted = Vec::new();
+        for (group, answer) in groups.iter().zip(answers) {
+            let subset: Vec<Draw> = group
+                .draws
+                .iter()
+                .filter_map(|&i| draws.get(i).cloned())
+                .collect();
+            match answer.and_then(|v| parse_grant(&v, &subset).map(|g| (v, g))) {
+                Ok((_, Grant::Granted)) => granted.push(group),
+                Ok((v, grant @ Grant::Denied { .. })) => {
+                    let at = refused_index(&v)
+                        .and_then(|i| group.draws.get(i))
+                        .copied()
+                        .unwrap_or(usize::MAX);
+                    if denied.as_ref().is_none_or(|(first, _)| at < *first) {
+                        denied = Some((at, grant));
+                    }
+                }
+                Err(e) => failed = Some(e),
+            }
+        }
+        if denied.is_none() && failed.is_none() {
+            return Ok(Grant::Granted);
+        }
+        // Give back what was taken. A refund that fails leaves a draw spent for a retry that
+        // did not happen: fewer retries, never more.
+        let refunds = join_all(
+            granted
+                .into_iter()
+                .map(|g| Box::pin(self.run("budget refund", &REFUND, draws, g)) as _)
+                .collect(),
+        )
+        .await;
+        for r in refunds {
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "could not give back a budget draw; it stays spent");
+            }
+        }
+        match (denied, failed) {
+            (Some((_, grant)), _) => Ok(grant),
+            (None, Some(e)) => Err(e),
+            (None, None) => Ok(Grant::Granted),
+        }
+    }
+}
+
+type Pending<'a> = std::pin::Pin<Box<dyn Future<Output = Result<Value, StoreError>> + Send + 'a>>;
+
+/// Runs every future at once; their answers in order.
+async fn join_all(mut futures: Vec<Pending<'_>>) -> Vec<Result<Value, StoreError>> {
+    let mut answers: Vec<Option<Result<Value, StoreError>>> =
+        futures.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (f, slot) in futures.iter_mut().zip(answers.iter_mut()) {
+            if slot.is_none() {
+                match f.as_mut().poll(cx) {
+                    std::task::Poll::Ready(v) => *slot = Some(v),
+                    std::task::Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            std::task::Poll::Pending
+        } else {
+            std::task::Poll::Ready(())
+        }
+    })
+    .await;
+    answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(store_error("budget draw", "no answer"))))
+        .collect()
+}
+
+/// The 0-based index, within its call, of the draw a `{0, i, wait}` answer names.
+fn refused_index(value: &Value) -> Option<usize> {
+    match value {
+        Value::Array(items) => match items.as_slice() {
+            [Value::Int(0), Value::Int(i), _] => usize::try_from(*i).ok()?.checked_sub(1),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
 impl BudgetStore for RedisStore {
     async fn draw(&self, draws: &[Draw]) -> Result<Grant, StoreError> {
         if draws.is_empty() {
             return Ok(Grant::Granted);
         }
-        let mut invocation = DRAW.prepare_invoke();
-        for d in draws {
-            invocation.key(self.budget_key(d));
-            for a in draw_args(d.limit) {
-                invocation.arg(a);
+        // Group the draws by slot (one group on a single node, or when they share a tag).
+        let mut groups: Vec<(Option<String>, Group)> = Vec::new();
+        for (i, d) in draws.iter().enumerate() {
+            let (key, tag) = self.budget_key(d);
+            match groups.iter_mut().find(|(t, _)| *t == tag) {
+                Some((_, g)) => {
+                    g.draws.push(i);
+                    g.keys.push(key);
+                }
+                None => groups.push((
+                    tag,
+                    Group {
+                        draws: vec![i],
+                        keys: vec![key],
+                    },
+                )),
             }
         }
-        let mut conn = self.manager.clone();
-        let value: Value = self
-            .bounded("budget draw", invocation.invoke_async(&mut conn))
-            .await?;
+        let mut groups: Vec<Group> = groups.into_iter().map(|(_, g)| g).collect();
+        if groups.len() > 1 {
+            return self.draw_split(draws, groups).await;
+        }
+        let Some(group) = groups.pop() else {
+            return Ok(Grant::Granted);
+        };
+        // One slot: one script call, all or nothing inside Redis.
+        let value = self.run("budget draw", &DRAW, draws, &group).await?;
         parse_grant(&value, draws)
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use ::redis::{Script, Value};
 
 use super::codec::{decode_stored, encode_stored};
+use super::keys::SHARE_BUCKETS;
 use super::{RedisStore, millis, store_error};
 use crate::server::{Begin, Claim, ClaimToken, IdempotencyStore, Ownership, ScopedKey, Stored};
 use crate::store::StoreError;
@@ -24,10 +25,13 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 /// A new key is counted in the principal's sorted set `KEYS[2]` (member: the key, score: its
 /// expiry) unless it holds `ARGV[6]` live keys already (`0`: no limit).
 ///
+/// A key already in flight under the same token is the caller's own claim (the script ran
+/// twice: a cluster client sends a command again after a dropped connection): `{0}` again.
+///
 /// Answers `{0}` claimed, `{1}` in flight, `{2, response}` done, `{3}` mismatch, `{4}`
 /// malformed entry, `{5}` abandoned, `{6}` the principal holds its share.
 const BEGIN_LUA: &str = r#"
-local v = redis.call('HMGET', KEYS[1], 's', 'f', 'l')
+local v = redis.call('HMGET', KEYS[1], 's', 'f', 'l', 't')
 if not v[1] then
   local share = tonumber(ARGV[6])
   if share > 0 then
@@ -43,6 +47,7 @@ if not v[1] then
 end
 if v[2] ~= ARGV[1] then return {3} end
 if v[1] == 'D' then return {2, redis.call('HGET', KEYS[1], 'r')} end
+if v[1] == 'F' and v[4] == ARGV[2] then return {0} end
 local lease = tonumber(v[3])
 if v[1] ~= 'F' or not lease then return {4} end
 if lease > now then return {1} end
@@ -105,21 +110,40 @@ static COMPLETE: LazyLock<Script> =
 static RENEW: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{NOW_LUA}{RENEW_LUA}")));
 static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LUA));
 
+impl RedisStore {
+    /// The refusal of a new key beyond its principal's share (`cap` keys in its set).
+    fn share_full(&self, key: &ScopedKey, cap: u64) -> StoreError {
+        let who = match key.principal() {
+            Some(p) => format!("principal {:?}", p.chars().take(64).collect::<String>()),
+            None => "the global scope (requests without a principal)".to_owned(),
+        };
+        StoreError::full(if self.is_cluster() {
+            format!(
+                "{who} holds {cap} idempotency keys in one of its {SHARE_BUCKETS} Redis Cluster buckets, its share of {}",
+                self.max_keys_per_principal
+            )
+        } else {
+            format!("{who} holds {cap} idempotency keys in Redis, its share")
+        })
+    }
+}
+
 impl IdempotencyStore for RedisStore {
     async fn begin(&self, key: &ScopedKey, claim: &Claim) -> Result<Begin, StoreError> {
+        let keys = self.idempotency_keys(key);
+        let cap = keys.cap;
         let mut invocation = BEGIN.prepare_invoke();
         invocation
-            .key(self.idempotency_key(key))
-            .key(self.principal_keys(key))
+            .key(keys.key)
+            .key(keys.share)
             .arg(&claim.fingerprint.as_u128().to_be_bytes()[..])
             .arg(&claim.token.as_u128().to_be_bytes()[..])
             .arg(millis(claim.lease))
             .arg(millis(claim.keep.max(claim.lease)))
             .arg(if claim.take_over { "1" } else { "0" })
-            .arg(self.max_keys_per_principal);
-        let mut conn = self.manager.clone();
-        let value: Value = self
-            .bounded("idempotency begin", invocation.invoke_async(&mut conn))
+            .arg(cap);
+        let value = self
+            .bounded("idempotency begin", self.conn.invoke(&invocation))
             .await?;
         let bad = |why: &str| store_error("idempotency begin", format!("{why}: {value:?}"));
         let Value::Array(items) = &value else {
@@ -132,17 +156,7 @@ impl IdempotencyStore for RedisStore {
             [Value::Int(3)] => Ok(Begin::Mismatch),
             [Value::Int(4)] => Err(bad("malformed entry in Redis")),
             [Value::Int(5)] => Ok(Begin::Abandoned),
-            [Value::Int(6)] => Err(StoreError::full(match key.principal() {
-                Some(p) => format!(
-                    "principal {:?} holds {} idempotency keys in Redis, its share",
-                    p.chars().take(64).collect::<String>(),
-                    self.max_keys_per_principal
-                ),
-                None => format!(
-                    "the global scope (requests without a principal) holds {} idempotency keys in Redis, its share",
-                    self.max_keys_per_principal
-                ),
-            })),
+            [Value::Int(6)] => Err(self.share_full(key, cap)),
             _ => Err(bad("unexpected answer")),
         }
     }

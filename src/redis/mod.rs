@@ -1,12 +1,14 @@
 //! The Redis store (feature `redis`): task and user budgets, and idempotency keys, shared by
-//! every process that talks to one Redis.
+//! every process that talks to one Redis, or (feature `redis-cluster`) to one Redis Cluster.
 //!
 //! # One round trip per decision
 //!
 //! Every method is **one** Lua script call (`EVALSHA`; [`redis::Script`] loads the script
-//! and calls again when Redis answers `NOSCRIPT`, e.g. after a restart). A script runs
-//! atomically in Redis, so a budget decision over several draws is all or nothing without
-//! locks or refunds: the script checks every draw first and writes only if all pass.
+//! and calls again when Redis answers `NOSCRIPT`, e.g. after a restart or on a promoted
+//! replica). A script runs atomically in Redis, so a budget decision over several draws is
+//! all or nothing without locks or refunds: the script checks every draw first and writes
+//! only if all pass. On a cluster, the one exception is a decision whose draws live in
+//! different slots (see below).
 //!
 //! # Clock
 //!
@@ -29,14 +31,64 @@
 //! then the body (the rest). Integers are big endian. A stored value that does not decode is
 //! a [`StoreError`], never a panic.
 //!
-//! The scripts touch several keys of one call; on Redis Cluster, put the keys of one call in
-//! one slot with a hash-tagged prefix, e.g. `{trg}:` (then every key lives in that slot).
+//! # On Redis Cluster
+//!
+//! A script may touch only keys of one slot, and a slot lives on one master. The cluster
+//! layout ([`RedisStore::cluster`]) puts a hash tag (`{...}`: the part Redis hashes) in every
+//! key, chosen so that each script call touches one slot while the keys, and so the load,
+//! spread over every master:
+//!
+//! | key | tag |
+//! |---|---|
+//! | `<prefix>b:c:{<scope>:<id>}`, `<prefix>b:r:{<scope>:<id>}` | the scope and id: each task and each user its own slot |
+//! | `<prefix>i:{<t>}:<scoped key>` | `t` = `g:<b>` (no principal) or `p:<XXH3-64 of the principal, hex>:<b>`, with `b` = XXH3-64 of the scoped key mod 16 |
+//! | `<prefix>ip:{<t>}` (`g`), `<prefix>ip:{<t>}:<length>:<principal>` | the same `t`: a share set sits in the slot of the keys it counts |
+//!
+//! *Idempotency*: each step on a key is still one script, in one slot. A principal's share
+//! set must be in its keys' slot, but one set per principal would put all of a tenant's
+//! keys (and its load) on one master. So each principal has 16 buckets, each a slot of its
+//! own with its own set, and a key's bucket comes from the key: one tenant spreads over 16
+//! slots, and many tenants over all of them. The share is then enforced per bucket:
+//! `ceil(max / 16)` keys each, so a principal holds at most `16 * ceil(max / 16)` keys and is
+//! refused a new one when that key's bucket is full (with thousands of keys, within a few
+//! percent of `max`; with a small `max`, sooner, as keys fall unevenly into buckets).
+//!
+//! *Budgets*: one decision draws a task and a user, and neither id can go into the other's
+//! key: tagging both by the user would count a task drawn under two users twice over (an id
+//! would widen a budget), and tagging by the task would split each user's budget across its
+//! tasks. So each scope and id has its own slot, and a decision whose draws share a slot (one
+//! draw, or the same tag) is one script as on one Redis. A decision over several slots sends
+//! one script per slot, all at once (one round trip of latency, one call per slot); if one
+//! refuses or fails, the draws the others took are given back (a count decremented, a rate's
+//! arrival time moved back) before the decision answers, so it stays all or nothing. Between
+//! a take and its give-back, a concurrent decision may see the draw taken and be refused: an
+//! error on the side of fewer retries, never more; a give-back that fails leaves the draw
+//! spent, the same way.
+//!
+//! A prefix with its own tag (e.g. `{trg}:`) pins every key to that tag's slot: correct,
+//! but one master does all the work.
+//!
+//! Run the cluster with `cluster-require-full-coverage no`, so the other masters keep
+//! answering while one master's slots fail over.
 //!
 //! # Failures
 //!
 //! Every call is bounded by the store's [timeout](RedisStore::timeout) (default 250 ms); an
 //! error, a timeout or a malformed answer is a [`StoreError`]. The [`ConnectionManager`]
-//! reconnects in the background, so the store recovers by itself once Redis is back. What a
+//! reconnects in the background, so the store recovers by itself once Redis is back. On a
+//! cluster, a call that lost the cluster (an I/O error, a timeout, a cluster error) has the
+//! store make a fresh cluster connection (at most every 200 ms), which reads the slot map
+//! from the live nodes: after a master dies, calls for its slots fail until its replica is
+//! promoted, then succeed (measured: within 0.2 s of the promotion, `tests/store_redis_cluster.rs`).
+//! The cluster client may send a command again after a dropped connection; `begin` knows its
+//! own token, so a claim sent twice is still the caller's, and a budget draw sent twice is
+//! spent twice (fewer retries, never more).
+//!
+//! Redis replicates asynchronously: a write acknowledged by a master that dies before its
+//! replica has it is lost in the failover. A lost claim is re-made by its holder's next
+//! renewal (every third of the lease) and a lost result by nothing: a retry of that request
+//! could then run it again. The window is the replication lag (well under a millisecond on a
+//! healthy link); this store does not close it (no `WAIT`). What a
 //! [`StoreError`] means for a retry is [`Budgets::on_store_error`](crate::Budgets::on_store_error)
 //! (fail closed by default); the [`IdempotencyLayer`](crate::server::IdempotencyLayer) answers
 //! 503.
@@ -54,17 +106,19 @@
 
 mod budget;
 mod codec;
+mod conn;
 mod idempotency;
+mod keys;
 
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{Client, Script, Value};
+use ::redis::aio::ConnectionManager;
+use ::redis::{Script, Value};
 
-use crate::budget::{Draw, Limit};
+use self::conn::Conn;
 use crate::server::ScopedKey;
 use crate::store::StoreError;
 
@@ -74,7 +128,8 @@ use crate::store::StoreError;
 /// Each call is one atomic Lua script (one round trip), timed by Redis's clock, bounded by a
 /// timeout; see the `redis` module source (`src/redis/`) for the keys, values and scripts.
 ///
-/// Clones share the connection (a multiplexed [`ConnectionManager`] that reconnects).
+/// Clones share the connection (a multiplexed [`ConnectionManager`] that reconnects, or a
+/// cluster connection that is made afresh when it loses the cluster).
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -96,7 +151,7 @@ use crate::store::StoreError;
 /// ```
 #[derive(Clone)]
 pub struct RedisStore {
-    manager: ConnectionManager,
+    conn: Conn,
     prefix: Arc<str>,
     timeout: Duration,
     max_keys_per_principal: u64,
@@ -139,22 +194,63 @@ impl RedisStore {
                 "RedisStore::new must be called within a Tokio runtime",
             ));
         }
-        let client = Client::open(url).map_err(|e| store_error("url", e))?;
-        let config = ConnectionManagerConfig::new()
-            .set_min_delay(Duration::from_millis(50))
-            .set_max_delay(Duration::from_secs(1))
-            .set_number_of_retries(6)
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(None);
-        let manager = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| store_error("connection", e))?;
-        Ok(RedisStore::from_manager(manager))
+        Conn::single(url)
+            .map(RedisStore::with)
+            .map_err(|e| store_error("url", e))
     }
 
     /// A store on an existing connection manager, with the default prefix and timeout.
     pub fn from_manager(manager: ConnectionManager) -> Self {
+        RedisStore::with(Conn::Single(manager))
+    }
+
+    /// A store on the Redis Cluster that `nodes` belong to (`redis://host:port/` each; one
+    /// reachable node is enough to learn the others), with the default prefix and timeout.
+    ///
+    /// Keys are hash-tagged so that each script call touches one slot while the keys spread
+    /// over every master (the key table in `src/redis/mod.rs`). Connects lazily, in the
+    /// background, as [`RedisStore::new`] does; a node that dies, a moved slot or a failover
+    /// is followed without a restart: a call in the gap is a [`StoreError`] within the
+    /// timeout. Must be called within a Tokio runtime (an error otherwise).
+    #[cfg(feature = "redis-cluster")]
+    pub fn cluster<I, S>(nodes: I) -> Result<Self, StoreError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(StoreError::new(
+                "RedisStore::cluster must be called within a Tokio runtime",
+            ));
+        }
+        let nodes: Vec<String> = nodes.into_iter().map(|n| n.as_ref().to_owned()).collect();
+        if nodes.is_empty() {
+            return Err(StoreError::new(
+                "RedisStore::cluster needs at least one node",
+            ));
+        }
+        Conn::cluster(&nodes)
+            .map(RedisStore::with)
+            .map_err(|e| store_error("cluster nodes", e))
+    }
+
+    /// A store on a Redis Cluster through a client built with your own settings (TLS,
+    /// credentials, timeouts), with the default prefix and timeout; keys take the cluster
+    /// layout. The store makes its connections from it, lazily, and makes a new one after a
+    /// call that lost the cluster (a dead node, a failover), at most every 200 ms.
+    #[cfg(feature = "redis-cluster")]
+    pub fn from_cluster_client(client: ::redis::cluster::ClusterClient) -> Self {
+        RedisStore::with(Conn::from_cluster_client(client))
+    }
+
+    /// Whether this store talks to a Redis Cluster (and lays its keys out for one).
+    pub fn is_cluster(&self) -> bool {
+        self.conn.is_cluster()
+    }
+
+    fn with(conn: Conn) -> Self {
         RedisStore {
-            manager,
+            conn,
             prefix: Arc::from(Self::DEFAULT_PREFIX),
             timeout: Self::DEFAULT_TIMEOUT,
             max_keys_per_principal: DEFAULT_MAX_KEYS_PER_PRINCIPAL,
@@ -197,16 +293,13 @@ impl RedisStore {
 
     /// Checks that Redis answers (`PING`) within the timeout: for readiness probes.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        let mut conn = self.manager.clone();
-        let answer: String = self
-            .bounded("ping", async move {
-                ::redis::cmd("PING").query_async(&mut conn).await
-            })
+        let answer = self
+            .bounded("ping", self.conn.query(&::redis::cmd("PING")))
             .await?;
-        if answer == "PONG" {
-            Ok(())
-        } else {
-            Err(store_error("ping", format!("unexpected answer {answer:?}")))
+        match &answer {
+            Value::SimpleString(s) if s == "PONG" => Ok(()),
+            Value::BulkString(b) if b == b"PONG" => Ok(()),
+            _ => Err(store_error("ping", format!("unexpected answer {answer:?}"))),
         }
     }
 
@@ -218,37 +311,17 @@ impl RedisStore {
     ) -> Result<T, StoreError> {
         match tokio::time::timeout(self.timeout, call).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(store_error(what, e)),
-            Err(_) => Err(store_error(
-                what,
-                format!("no answer within {:?}", self.timeout),
-            )),
-        }
-    }
-
-    fn budget_key(&self, draw: &Draw) -> String {
-        let kind = match draw.limit {
-            Limit::Count { .. } => "c",
-            Limit::Rate { .. } => "r",
-        };
-        // Any id, bounded: a long or unusual one under its digest (as `Budgets` sends it).
-        format!(
-            "{}b:{kind}:{}:{}",
-            self.prefix,
-            draw.scope.as_str(),
-            crate::budget::budget_key(&draw.key)
-        )
-    }
-
-    fn idempotency_key(&self, key: &ScopedKey) -> String {
-        format!("{}i:{}", self.prefix, key.storage_key())
-    }
-
-    /// The sorted set of the keys `key`'s principal holds.
-    fn principal_keys(&self, key: &ScopedKey) -> String {
-        match key.principal() {
-            None => format!("{}ip:g", self.prefix),
-            Some(p) => format!("{}ip:p:{}:{p}", self.prefix, p.len()),
+            Ok(Err(e)) => {
+                self.conn.failed(Some(&e));
+                Err(store_error(what, e))
+            }
+            Err(_) => {
+                self.conn.failed(None);
+                Err(store_error(
+                    what,
+                    format!("no answer within {:?}", self.timeout),
+                ))
+            }
         }
     }
 
@@ -260,17 +333,13 @@ impl RedisStore {
         key: &ScopedKey,
         args: &[&[u8]],
     ) -> Result<i64, StoreError> {
+        let keys = self.idempotency_keys(key);
         let mut invocation = script.prepare_invoke();
-        invocation
-            .key(self.idempotency_key(key))
-            .key(self.principal_keys(key));
+        invocation.key(keys.key).key(keys.share);
         for a in args {
             invocation.arg(*a);
         }
-        let mut conn = self.manager.clone();
-        let value: Value = self
-            .bounded(what, invocation.invoke_async(&mut conn))
-            .await?;
+        let value = self.bounded(what, self.conn.invoke(&invocation)).await?;
         match value {
             Value::Int(n) => Ok(n),
             other => Err(store_error(what, format!("unexpected answer {other:?}"))),
