@@ -52,7 +52,8 @@
 //!     .service(channel);
 //! // A generated client takes it as it is (`GreeterClient::new(channel)`), as does tonic's own:
 //! let mut client = tonic::client::Grpc::new(channel);
-//! # let _ = &mut client; Ok(()) }
+//! client.ready().await?;
+//! # Ok(()) }
 //! ```
 //!
 //! **Which calls are retried.** A gRPC call is an HTTP POST, so it is
