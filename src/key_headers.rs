@@ -5,7 +5,54 @@ use std::borrow::Cow;
 use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue};
 
-use super::{HeaderNames, IdempotencyKey, InvalidKey};
+use super::{IdempotencyKey, InvalidKey};
+
+/// The header names the layer reads and writes; see
+/// [`RetryLayer::header_names`](crate::RetryLayer::header_names).
+///
+/// Build it with `..HeaderNames::default()` (or `..HeaderNames::grpc()`) so that a field
+/// added later does not break the code.
+#[derive(Debug, Clone)]
+pub struct HeaderNames {
+    /// Where the idempotency key goes (default `Idempotency-Key`).
+    pub idempotency_key: HeaderName,
+    /// Where the attempt number goes, 0 on the first attempt (default `x-retry-count`, as
+    /// the OpenAI/Anthropic SDKs' `x-stainless-retry-count`); `None` sends none.
+    pub attempt: Option<HeaderName>,
+    /// Whether the attempt header is sent on the first attempt too, as `0` (default
+    /// `true`). With `false` it appears from the first retry on (`1`, `2`, ...): the
+    /// number of earlier attempts, as gRPC's `grpc-previous-rpc-attempts` (A6).
+    pub attempt_on_first: bool,
+    /// Where the task id is read from (default `x-task-id`).
+    pub task_id: HeaderName,
+    /// Where the user id is read from (default `x-user-id`).
+    pub user_id: HeaderName,
+}
+
+impl Default for HeaderNames {
+    fn default() -> Self {
+        HeaderNames {
+            idempotency_key: HeaderName::from_static("idempotency-key"),
+            attempt: Some(HeaderName::from_static("x-retry-count")),
+            attempt_on_first: true,
+            task_id: HeaderName::from_static("x-task-id"),
+            user_id: HeaderName::from_static("x-user-id"),
+        }
+    }
+}
+
+impl HeaderNames {
+    /// The names for gRPC (A6): the attempt travels as `grpc-previous-rpc-attempts`, absent
+    /// on the first attempt, `1` on the first retry; the rest as [`HeaderNames::default`]
+    /// (the key as `idempotency-key` metadata). See [`Grpc`](crate::classify::Grpc).
+    pub fn grpc() -> Self {
+        HeaderNames {
+            attempt: Some(HeaderName::from_static("grpc-previous-rpc-attempts")),
+            attempt_on_first: false,
+            ..HeaderNames::default()
+        }
+    }
+}
 
 /// The key in a request's headers, validated.
 pub(crate) fn key_from_headers(
@@ -65,10 +112,12 @@ pub(crate) fn stamp_key(headers: &mut HeaderMap, key: &IdempotencyKey, names: &H
     }
 }
 
-/// Stamps the attempt number, if the layer sends one.
+/// Stamps the attempt number, if the layer sends one (on the first attempt only if asked).
 pub(crate) fn stamp_attempt(headers: &mut HeaderMap, attempt: u32, names: &HeaderNames) {
     if let Some(name) = &names.attempt {
-        headers.insert(name.clone(), attempt_header(attempt));
+        if attempt > 0 || names.attempt_on_first {
+            headers.insert(name.clone(), attempt_header(attempt));
+        }
     }
 }
 

@@ -92,6 +92,13 @@
 //! never after: put [`stream::StreamGuardLayer`] inside the retry layer. A failure after the
 //! first token ends the body with a typed [`stream::MidStreamError`], counted in
 //! [`RetryStats`].
+//!
+//! ## gRPC
+//!
+//! A tonic `Channel` is retried like any tower service: [`classify::Grpc`] reads
+//! `grpc-status` and `grpc-retry-pushback-ms`, [`HeaderNames::grpc`] stamps
+//! `grpc-previous-rpc-attempts`, and [`BufferRequestBodyLayer`] keeps the request for a
+//! retry. The stack and the rule for side effects are in the [`classify`] module docs.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 

@@ -12,6 +12,7 @@ use std::fmt;
 use bytes::Bytes;
 
 pub use self::clone_body::CloneBody;
+pub use self::key_headers::HeaderNames;
 #[cfg(feature = "reqwest")]
 pub(crate) use self::key_headers::key_from_headers;
 pub(crate) use self::key_headers::{key_of_parts, single_header, stamp_attempt, stamp_key};
@@ -255,32 +256,6 @@ pub struct TaskId(pub String);
 /// `x-user-id` header by default.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct UserId(pub String);
-
-/// The header names the layer reads and writes; see
-/// [`RetryLayer::header_names`](crate::RetryLayer::header_names).
-#[derive(Debug, Clone)]
-pub struct HeaderNames {
-    /// Where the idempotency key goes (default `Idempotency-Key`).
-    pub idempotency_key: HeaderName,
-    /// Where the attempt number goes, 0 on the first attempt (default `x-retry-count`, as
-    /// the OpenAI/Anthropic SDKs' `x-stainless-retry-count`); `None` sends none.
-    pub attempt: Option<HeaderName>,
-    /// Where the task id is read from (default `x-task-id`).
-    pub task_id: HeaderName,
-    /// Where the user id is read from (default `x-user-id`).
-    pub user_id: HeaderName,
-}
-
-impl Default for HeaderNames {
-    fn default() -> Self {
-        HeaderNames {
-            idempotency_key: HeaderName::from_static("idempotency-key"),
-            attempt: Some(HeaderName::from_static("x-retry-count")),
-            task_id: HeaderName::from_static("x-task-id"),
-            user_id: HeaderName::from_static("x-user-id"),
-        }
-    }
-}
 
 /// A borrowed look at a request's HTTP parts, for the layer's per-layer closures
 /// (side effect, operation name). Non-HTTP requests show nothing.

@@ -8,15 +8,87 @@
 //! - [`LlmHttp`]: the preset for LLM provider APIs over HTTP (status codes,
 //!   `x-should-retry`, `retry-after-ms`, `Retry-After`), with [`Errors`] for transport errors;
 //! - [`Errors`]: timeouts and connection failures are retryable, anything else fails;
+//! - [`Grpc`]: gRPC calls (tonic channels): `grpc-status` `UNAVAILABLE` retried, with
+//!   `grpc-retry-pushback-ms` as the hint (see [gRPC](#grpc-tonic) below);
 //! - any closure `Fn(&Result<Res, E>) -> Outcome`;
 //! - [`Classify::or_else`] to let a second classifier decide what the first calls a success
 //!   (for example a body validator after the HTTP preset).
+//!
+//! # gRPC (tonic)
+//!
+//! A tonic `Channel` is a `tower::Service<http::Request<tonic::body::Body>>`, so the layer
+//! goes under any generated client. Three pieces make gRPC calls retryable, as gRPC's own
+//! retry design (A6) retries them:
+//!
+//! - [`Grpc`] classifies the trailers-only responses of calls that failed before their first
+//!   message (`UNAVAILABLE`; `RESOURCE_EXHAUSTED` only with a pushback; a negative
+//!   `grpc-retry-pushback-ms` stops);
+//! - [`HeaderNames::grpc`](crate::HeaderNames::grpc) stamps `grpc-previous-rpc-attempts` on
+//!   retries (absent on the first attempt, `1` on the first retry);
+//! - [`BufferRequestBodyLayer`](crate::BufferRequestBodyLayer) keeps the encoded request
+//!   message (up to a limit) so it can be sent again; a larger request goes once, unretried
+//!   (the layer warns: "cannot be cloned"). It reads the request body to its end before the
+//!   first attempt: put this stack in front of unary and server-streaming calls, not in
+//!   front of a client-streaming or bidirectional call whose request stream stays open.
+//!
+//! ```no_run
+//! use tonic::body::Body;
+//! use tonic::transport::Channel;
+//! use tower::{BoxError, ServiceBuilder};
+//! use tower_retry_guard::classify::Grpc;
+//! use tower_retry_guard::{BufferRequestBodyLayer, BufferedBody, HeaderNames, RetryLayer, RetryPolicy};
+//!
+//! # async fn run() -> Result<(), BoxError> {
+//! let channel = Channel::from_static("http://127.0.0.1:50051").connect().await?;
+//! let retry = RetryLayer::new()
+//!     .classify(Grpc::new())
+//!     .header_names(HeaderNames::grpc())
+//!     .policy(RetryPolicy::builder().max_retries(4).build()?); // A6: at most 5 attempts
+//! let channel = ServiceBuilder::new()
+//!     .layer(BufferRequestBodyLayer::new(64 * 1024))
+//!     .layer(retry)
+//!     .map_request(|req: http::Request<BufferedBody<Body>>| req.map(Body::new))
+//!     .map_err(BoxError::from)
+//!     .service(channel);
+//! // A generated client takes it as it is (`GreeterClient::new(channel)`), as does tonic's own:
+//! let mut client = tonic::client::Grpc::new(channel);
+//! client.ready().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! **Which calls are retried.** A gRPC call is an HTTP POST, so it is
+//! [`SideEffect::SideEffecting`](crate::SideEffect): the layer's rule holds, it is retried
+//! only with an idempotency key. By default the layer mints one and sends it as
+//! `idempotency-key` metadata, the same on every attempt. `UNAVAILABLE` does not prove that
+//! the server did nothing (a handler may return it after its side effect, when a backend of
+//! its own fails), so the key is what lets the server run the call once. A server that does
+//! not deduplicate on that key gets A6's rule instead: the service owner names the methods
+//! that are safe to repeat, and nothing else is retried:
+//!
+//! ```
+//! use tower_retry_guard::classify::Grpc;
+//! use tower_retry_guard::{HeaderNames, RetryLayer};
+//!
+//! let retry = RetryLayer::new()
+//!     .classify(Grpc::new())
+//!     .header_names(HeaderNames::grpc())
+//!     // A whole service (ending with '/') or one method.
+//!     .side_effect_fn(Grpc::idempotent_methods(["/shop.Catalog/", "/shop.Orders/Get"]))
+//!     .idempotency_keys(false); // other methods: side-effecting without a key, not retried
+//! # let _ = retry;
+//! ```
+//!
+//! The call's deadline covers all its attempts (A6): keep the policy's
+//! [`max_total_time`](crate::RetryPolicyBuilder::max_total_time) within the deadline the
+//! client sets (`grpc-timeout`, which the layer does not shorten on retries).
 
 mod error;
+mod grpc;
 mod http;
 
 pub(crate) use self::error::is_gave_up;
 pub use self::error::{AsError, Errors, classify_error};
+pub use self::grpc::Grpc;
 pub use self::http::{LlmHttp, is_quota_error, parse_retry_after, parse_retry_after_ms};
 
 use std::fmt;
