@@ -197,7 +197,7 @@ fn guarded(stats: &RetryStats) -> Result<RetryLayer, BoxError> {
     let policy = RetryPolicy::builder()
         .max_total_time(Duration::from_secs(10))
         .build()?;
-    Ok(RetryLayer::new().policy(policy).stats(stats.clone()))
+    Ok(RetryLayer::new().policy(policy).with_stats(stats.clone()))
 }
 
 #[tokio::main]
@@ -299,7 +299,7 @@ async fn provider(stats: &RetryStats) -> Result<(), BoxError> {
     let base = serve(router).await?;
     // LLM completions change nothing: mark them idempotent so they retry without a key.
     let layer = RetryLayer::new()
-        .stats(stats.clone())
+        .with_stats(stats.clone())
         // A quiet demo process: the ratio's floor (retries always allowed per 10 s window)
         // is raised from 3 so that every chat call may use its 3 retries.
         .budgets(Budgets::default().ratio(Some(RatioConfig {

@@ -136,7 +136,10 @@ impl fmt::Display for StopReason {
 /// the response (the 503 with its body) and its [`RetryInfo`] in the extensions. A
 /// `RetryError` comes from an inner error, or from a request refused before it was sent
 /// (an invalid key), when [`RetryError::inner`] is `None`.
-pub struct RetryError<E> {
+pub struct RetryError<E>(Box<Parts<E>>);
+
+/// Boxed: an error is rare, and a small `Result` keeps the success path's moves small.
+struct Parts<E> {
     reason: StopReason,
     info: RetryInfo,
     inner: Option<E>,
@@ -144,51 +147,51 @@ pub struct RetryError<E> {
 
 impl<E> RetryError<E> {
     pub(crate) fn new(reason: StopReason, info: RetryInfo, inner: Option<E>) -> Self {
-        RetryError {
+        RetryError(Box::new(Parts {
             reason,
             info,
             inner,
-        }
+        }))
     }
 
     /// Why the layer stopped.
     pub fn reason(&self) -> &StopReason {
-        &self.reason
+        &self.0.reason
     }
 
     /// What the layer did: attempts, retries, total delay, key, last error kind.
     pub fn info(&self) -> &RetryInfo {
-        &self.info
+        &self.0.info
     }
 
     /// Attempts made (0 if the request was refused before it was sent).
     pub fn attempts(&self) -> u32 {
-        self.info.attempts
+        self.0.info.attempts
     }
 
     /// Time slept between attempts.
     pub fn total_delay(&self) -> Duration {
-        self.info.total_delay
+        self.0.info.total_delay
     }
 
     /// The kind of the last failure, if any.
     pub fn kind(&self) -> Option<ErrorKind> {
-        self.info.last_error
+        self.0.info.last_error
     }
 
     /// The inner service's last error.
     pub fn inner(&self) -> Option<&E> {
-        self.inner.as_ref()
+        self.0.inner.as_ref()
     }
 
     /// The inner service's last error, by value.
     pub fn into_inner(self) -> Option<E> {
-        self.inner
+        self.0.inner
     }
 
     /// The budget scope that denied the retry, if a budget did.
     pub fn budget_scope(&self) -> Option<Scope> {
-        match self.reason {
+        match self.0.reason {
             StopReason::Budget { scope, .. } => Some(scope),
             _ => None,
         }
@@ -198,9 +201,9 @@ impl<E> RetryError<E> {
 impl<E: fmt::Debug> fmt::Debug for RetryError<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryError")
-            .field("reason", &self.reason)
-            .field("info", &self.info)
-            .field("inner", &self.inner)
+            .field("reason", &self.0.reason)
+            .field("info", &self.0.info)
+            .field("inner", &self.0.inner)
             .finish()
     }
 }
@@ -213,11 +216,11 @@ impl<E> fmt::Display for RetryError<E> {
         write!(
             f,
             "{} after {} attempt{}",
-            self.reason,
-            self.info.attempts,
-            if self.info.attempts == 1 { "" } else { "s" }
+            self.0.reason,
+            self.0.info.attempts,
+            if self.0.info.attempts == 1 { "" } else { "s" }
         )?;
-        if let Some(op) = &self.info.operation {
+        if let Some(op) = &self.0.info.operation {
             write!(f, " of `{op}`")?;
         }
         Ok(())
@@ -226,9 +229,9 @@ impl<E> fmt::Display for RetryError<E> {
 
 impl<E: AsError + fmt::Debug + fmt::Display> StdError for RetryError<E> {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        match &self.inner {
+        match &self.0.inner {
             Some(e) => Some(e.as_error()),
-            None => match &self.reason {
+            None => match &self.0.reason {
                 StopReason::InvalidKey(k) => Some(k),
                 _ => None,
             },

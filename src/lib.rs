@@ -40,7 +40,7 @@
 //!     .max_total_time(Duration::from_secs(10))
 //!     .build()?;
 //! let layer = RetryLayer::new().policy(policy);
-//! let stats = layer.retry_stats();
+//! let stats = layer.stats();
 //!
 //! // A provider that is overloaded once, then answers.
 //! let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -91,20 +91,15 @@
 mod backoff;
 pub mod body;
 pub mod budget;
-mod call;
 pub mod classify;
-mod decide;
 mod error;
-mod future;
-mod layer;
 mod observe;
 mod policy;
-mod report;
 mod request;
 #[cfg(feature = "reqwest")]
 mod reqwest_impl;
+pub mod retry;
 pub mod server;
-mod service;
 mod store;
 
 pub use crate::backoff::{Backoff, Jitter};
@@ -114,8 +109,6 @@ pub use crate::budget::RedisStore;
 pub use crate::budget::{BudgetStore, Budgets, MemoryStore};
 pub use crate::classify::{Classify, ErrorKind, LlmHttp, Outcome};
 pub use crate::error::{RetryError, StopReason};
-pub use crate::future::ResponseFuture;
-pub use crate::layer::{ChangeRequest, NoChange, RetryContext, RetryLayer};
 pub use crate::observe::{
     CallOutcome, DEFAULT_MAX_OPERATIONS, Health, KindSnapshot, OVERFLOW_OPERATION, RetryInfo,
     RetryStats, Window,
@@ -127,10 +120,10 @@ pub use crate::request::{
     CloneBody, HeaderNames, IdempotencyKey, InvalidKey, MAX_KEY_LEN, Operation, RequestView,
     RetryRequest, SideEffect, TaskId, UserId,
 };
+pub use crate::retry::{ChangeRequest, ResponseFuture, Retry, RetryContext, RetryLayer};
 pub use crate::server::{
     Dedupe, DedupeLayer, Idempotency, IdempotencyLayer, IdempotencyStore, MemoryIdempotencyStore,
 };
-pub use crate::service::Retry;
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]

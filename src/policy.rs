@@ -94,6 +94,11 @@ impl RetryPolicy {
 
     /// A fresh backoff state for one call, with its own random stream. Called on a call's
     /// first failure only.
+    /// The policy's seed (a call's stream is drawn from it and the call's number).
+    pub(crate) fn seed(&self) -> u64 {
+        self.seed
+    }
+
     pub(crate) fn call_backoff(&self) -> CallBackoff {
         let n = self.calls.fetch_add(1, Ordering::Relaxed);
         CallBackoff::new(mix_seed(self.seed, n))

@@ -12,9 +12,9 @@ use std::fmt;
 use bytes::Bytes;
 
 pub use self::clone_body::CloneBody;
-pub(crate) use self::key_headers::{
-    key_from_headers, key_of_parts, single_header, stamp_attempt, stamp_key,
-};
+#[cfg(feature = "reqwest")]
+pub(crate) use self::key_headers::key_from_headers;
+pub(crate) use self::key_headers::{key_of_parts, single_header, stamp_attempt, stamp_key};
 use http::header::HeaderName;
 use http::{Extensions, HeaderMap, HeaderValue, Method, Request, Uri};
 

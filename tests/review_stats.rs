@@ -13,7 +13,7 @@ async fn a_retry_refused_by_the_in_flight_cap_is_not_counted_as_sent() {
     // No retry may ever be in flight: every retry is refused just before it is sent.
     let budgets = Budgets::none().in_flight(Some(InFlightCap { share: 0.0, min: 0 }));
     let layer = RetryLayer::new().budgets(budgets);
-    let stats = layer.retry_stats();
+    let stats = layer.stats();
     let attempts = Arc::new(AtomicU32::new(0));
     let seen = attempts.clone();
     let svc = ServiceBuilder::new()

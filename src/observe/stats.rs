@@ -56,6 +56,8 @@ struct Bucket {
 #[derive(Debug)]
 struct OpStats {
     name: String,
+    /// The entry of the operations past the cap.
+    overflow: bool,
     calls: AtomicU64,
     kinds: [KindCounters; KINDS],
     window: [Bucket; BUCKETS],
@@ -64,6 +66,7 @@ struct OpStats {
 impl OpStats {
     fn new(name: String) -> Self {
         OpStats {
+            overflow: name == OVERFLOW_OPERATION,
             name,
             calls: AtomicU64::new(0),
             kinds: Default::default(),
@@ -149,6 +152,11 @@ impl OpHandle {
     /// The operation's name.
     pub(crate) fn name(&self) -> &str {
         &self.0.name
+    }
+
+    /// Whether this is the entry of the operations past the cap (whose name is not theirs).
+    pub(crate) fn is_overflow(&self) -> bool {
+        self.0.overflow
     }
 }
 
