@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use criterion::{Criterion, Throughput};
-use tower_retry_guard::RedisStore;
+use tower_retry_guard::budget::RedisStore;
 use tower_retry_guard::budget::{BudgetStore, Draw, Grant, Limit, Scope};
 
 /// A `redis-server` on a free loopback port, killed on drop.

@@ -302,10 +302,7 @@ async fn provider(stats: &RetryStats) -> Result<(), BoxError> {
         .with_stats(stats.clone())
         // A quiet demo process: the ratio's floor (retries always allowed per 10 s window)
         // is raised from 3 so that every chat call may use its 3 retries.
-        .budgets(Budgets::default().ratio(Some(RatioConfig {
-            floor: 12,
-            ..RatioConfig::default()
-        })))
+        .budgets(Budgets::default().ratio(Some(RatioConfig::builder().floor(12).build()?)))
         .side_effect_fn(|view| {
             let path = view.uri.map(|u| u.path()).unwrap_or_default();
             path.starts_with("/v1/")

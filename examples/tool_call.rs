@@ -9,9 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_retry_guard::request::{HeaderNames, InvalidKey};
 use tower_retry_guard::{
-    Budgets, ErrorKind, HeaderNames, IdempotencyKey, InvalidKey, Operation, Outcome, RetryLayer,
-    RetryPolicy, RetryRequest, SideEffect,
+    Budgets, ErrorKind, IdempotencyKey, Operation, Outcome, RetryLayer, RetryPolicy, RetryRequest,
+    SideEffect,
 };
 
 /// A tool call as an agent framework would make it.
@@ -117,7 +118,7 @@ async fn main() -> Result<(), BoxError> {
         .budgets(Budgets::none())
         .classify(|result: &Result<String, BoxError>| match result {
             Ok(_) => Outcome::Success,
-            Err(e) => tower_retry_guard::classify::classify_error(e.as_ref()),
+            Err(e) => tower_retry_guard::classify::Errors::classify_error(e.as_ref()),
         });
     let mut tools = ServiceBuilder::new()
         .layer(layer.clone())

@@ -93,9 +93,9 @@ pub mod body;
 pub mod budget;
 pub mod classify;
 mod error;
-mod observe;
+pub mod observe;
 mod policy;
-mod request;
+pub mod request;
 #[cfg(feature = "reqwest")]
 mod reqwest_impl;
 pub mod retry;
@@ -103,27 +103,13 @@ pub mod server;
 mod store;
 
 pub use crate::backoff::{Backoff, Jitter};
-pub use crate::body::{BufferErrorBodyLayer, BufferRequestBodyLayer, BufferedBody, ErrorBody};
-#[cfg(feature = "redis")]
-pub use crate::budget::RedisStore;
-pub use crate::budget::{BudgetStore, Budgets, MemoryStore};
+pub use crate::budget::Budgets;
 pub use crate::classify::{Classify, ErrorKind, LlmHttp, Outcome};
-pub use crate::error::{RetryError, StopReason};
-pub use crate::observe::{
-    CallOutcome, DEFAULT_MAX_OPERATIONS, Health, KindSnapshot, OVERFLOW_OPERATION, RetryInfo,
-    RetryStats, Window,
-};
-pub use crate::policy::{
-    MAX_RETRIES_LIMIT, MAX_TOTAL_TIME_LIMIT, PolicyError, RetryPolicy, RetryPolicyBuilder,
-};
-pub use crate::request::{
-    CloneBody, HeaderNames, IdempotencyKey, InvalidKey, MAX_KEY_LEN, Operation, RequestView,
-    RetryRequest, SideEffect, TaskId, UserId,
-};
-pub use crate::retry::{ChangeRequest, ResponseFuture, Retry, RetryContext, RetryLayer};
-pub use crate::server::{
-    Dedupe, DedupeLayer, Idempotency, IdempotencyLayer, IdempotencyStore, MemoryIdempotencyStore,
-};
+pub use crate::error::RetryError;
+pub use crate::observe::{CallOutcome, Health, RetryInfo, RetryStats, StopReason};
+pub use crate::policy::{PolicyError, RetryPolicy, RetryPolicyBuilder};
+pub use crate::request::{IdempotencyKey, Operation, RetryRequest, SideEffect};
+pub use crate::retry::{ResponseFuture, Retry, RetryLayer};
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]

@@ -4,7 +4,7 @@
 mod common;
 
 use tower::{Layer, Service, ServiceExt};
-use tower_retry_guard::{OVERFLOW_OPERATION, Operation, RetryLayer, RetryStats};
+use tower_retry_guard::{Operation, RetryLayer, RetryStats};
 
 use common::{Scripted, get};
 
@@ -57,7 +57,7 @@ async fn operations_past_the_cap_are_counted_under_one_name() {
     }
     assert_eq!(stats.tracked_operations(), 10);
     assert_eq!(stats.operations().len(), 11, "ten, and the overflow");
-    assert_eq!(stats.calls(OVERFLOW_OPERATION), 90);
+    assert_eq!(stats.calls(RetryStats::OVERFLOW_OPERATION), 90);
 }
 
 /// A million calls to distinct paths: the stats keep a bounded number of entries (memory is
@@ -99,10 +99,10 @@ async fn a_million_distinct_paths_keep_memory_flat() {
     }
     for (calls, entries, rss) in &entries_at {
         println!("after {calls} calls: {entries} stats entries, {rss}");
-        assert!(*entries <= tower_retry_guard::DEFAULT_MAX_OPERATIONS + 1);
+        assert!(*entries <= tower_retry_guard::RetryStats::DEFAULT_MAX_OPERATIONS + 1);
     }
     assert_eq!(
         stats.tracked_operations(),
-        tower_retry_guard::DEFAULT_MAX_OPERATIONS
+        tower_retry_guard::RetryStats::DEFAULT_MAX_OPERATIONS
     );
 }

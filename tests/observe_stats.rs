@@ -448,15 +448,13 @@ async fn budget_denials_are_counted_per_scope() {
     send(&mut users, with("x-user-id", "u1")).await.unwrap();
 
     let overloaded = stats.kind("GET /x", ErrorKind::Overloaded);
-    assert_eq!(
-        overloaded.denied,
-        [0, 3, 0, 0, 0, 0],
-        "operation, task, user, process, in flight, store"
-    );
+    assert_eq!(overloaded.denied(Scope::Task), 3, "{overloaded:?}");
+    assert_eq!(overloaded.denied_total(), 3, "{overloaded:?}");
     assert_eq!(overloaded.exhausted, 1);
     assert_eq!(overloaded.retries, 1 + 1 + 3);
     let limited = stats.kind("GET /x", ErrorKind::RateLimited);
-    assert_eq!(limited.denied, [0, 0, 1, 0, 0, 0]);
+    assert_eq!(limited.denied(Scope::User), 1, "{limited:?}");
+    assert_eq!(limited.denied_total(), 1, "{limited:?}");
     assert_eq!(limited.retries, 0);
     assert_eq!(stats.totals("GET /x").denied_total(), 4);
     assert_eq!(stats.calls("GET /x"), 5);

@@ -26,6 +26,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower::{Layer, ServiceExt, service_fn};
+use tower_retry_guard::budget::RedisStore;
 use tower_retry_guard::budget::{
     BudgetStore, Budgets, Draw, Grant, Limit, MemoryStore, OnStoreError, Scope,
 };
@@ -34,8 +35,7 @@ use tower_retry_guard::server::{
     MemoryIdempotencyStore, Ownership, ScopedKey, Stored,
 };
 use tower_retry_guard::{
-    Backoff, CallOutcome, IdempotencyKey, Jitter, RedisStore, RetryInfo, RetryLayer, RetryPolicy,
-    StopReason,
+    Backoff, CallOutcome, IdempotencyKey, Jitter, RetryInfo, RetryLayer, RetryPolicy, StopReason,
 };
 
 // ---------------------------------------------------------------------------------------

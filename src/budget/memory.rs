@@ -276,7 +276,6 @@ impl MemoryStore {
         // One pass of XXH3-128, seeded per store (and per scope): a task and a user with
         // the same id are different keys.
         let tag: u64 = match scope {
-            Scope::Operation => 1,
             Scope::Task => 2,
             Scope::User => 3,
             Scope::Process => 4,

@@ -28,6 +28,7 @@ mod in_flight;
 mod memory;
 mod permit;
 mod ratio;
+mod ratio_config;
 #[cfg(feature = "redis")]
 mod redis;
 mod ring;
@@ -37,7 +38,8 @@ use self::in_flight::InFlight;
 pub use self::in_flight::InFlightCap;
 pub use self::memory::MemoryStore;
 pub(crate) use self::permit::{ActiveCall, RatioPermit, RetrySlot};
-pub use self::ratio::{DEFAULT_FLOOR, RatioConfig, RetryRatio};
+pub(crate) use self::ratio::RetryRatio;
+pub use self::ratio_config::{RatioConfig, RatioConfigBuilder};
 #[cfg(feature = "redis")]
 pub use self::redis::{DEFAULT_PREFIX, DEFAULT_TIMEOUT, RedisStore};
 pub use crate::store::StoreError;
@@ -55,8 +57,6 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Scope {
-    /// One logical call: the policy's attempts and total time.
-    Operation,
     /// Every call that carries the same task id.
     Task,
     /// Every call made for the same user id.
@@ -68,10 +68,22 @@ pub enum Scope {
 }
 
 impl Scope {
-    /// A short, stable name: `operation`, `task`, `user`, `process`, `in_flight`.
+    /// How many scopes there are.
+    pub(crate) const COUNT: usize = 4;
+
+    /// The scope's place in per-scope counters.
+    pub(crate) const fn index(self) -> usize {
+        match self {
+            Scope::Task => 0,
+            Scope::User => 1,
+            Scope::Process => 2,
+            Scope::InFlight => 3,
+        }
+    }
+
+    /// A short, stable name: `task`, `user`, `process`, `in_flight`.
     pub const fn as_str(self) -> &'static str {
         match self {
-            Scope::Operation => "operation",
             Scope::Task => "task",
             Scope::User => "user",
             Scope::Process => "process",
@@ -204,26 +216,13 @@ impl fmt::Debug for Budgets {
     }
 }
 
-/// The default per-task limit: 5 retry events per task, kept 1 h after the last.
-pub const DEFAULT_PER_TASK: Limit = Limit::Count {
-    max: 5,
-    ttl: Duration::from_secs(3600),
-};
-
-/// The default per-user limit: 60 retries a minute, bursts of 10.
-pub const DEFAULT_PER_USER: Limit = Limit::Rate {
-    tokens: 60,
-    per: Duration::from_secs(60),
-    burst: 10,
-};
-
 impl Default for Budgets {
     /// Per task 5, per user 60/min (burst 10), the adaptive process ratio, in a new
     /// [`MemoryStore`]; fail closed; 250 ms store timeout.
     fn default() -> Self {
         Budgets {
-            per_task: Some(DEFAULT_PER_TASK),
-            per_user: Some(DEFAULT_PER_USER),
+            per_task: Some(Budgets::DEFAULT_PER_TASK),
+            per_user: Some(Budgets::DEFAULT_PER_USER),
             ratio: Some(Arc::new(RetryRatio::new(RatioConfig::default()))),
             in_flight: Some(Arc::new(InFlight::new(InFlightCap::default()))),
             store: Arc::new(MemoryStore::new()),
@@ -234,6 +233,19 @@ impl Default for Budgets {
 }
 
 impl Budgets {
+    /// The default per-task limit: 5 retry events per task, kept 1 h after the last.
+    pub const DEFAULT_PER_TASK: Limit = Limit::Count {
+        max: 5,
+        ttl: Duration::from_secs(3600),
+    };
+
+    /// The default per-user limit: 60 retries a minute, bursts of 10.
+    pub const DEFAULT_PER_USER: Limit = Limit::Rate {
+        tokens: 60,
+        per: Duration::from_secs(60),
+        burst: 10,
+    };
+
     /// No budgets but the policy's own bounds.
     pub fn none() -> Self {
         Budgets {
@@ -296,11 +308,6 @@ impl Budgets {
     /// Logical calls active now (started, not yet dropped), if the in-flight cap is on.
     pub fn active_calls(&self) -> Option<u64> {
         self.in_flight.as_ref().map(|f| f.active())
-    }
-
-    /// The process ratio, if on.
-    pub fn retry_ratio(&self) -> Option<&RetryRatio> {
-        self.ratio.as_deref()
     }
 
     /// A logical call started: a deposit into the process ratio (one atomic). The clock

@@ -5,59 +5,15 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::ratio_config::RatioConfig;
 use super::ring::{BUCKETS, MAX_CAS_TURNS, Ring, SCALE, count_of, epoch_of, live, pack};
 
-/// Settings of the process-wide [`RetryRatio`] (whose docs give the rule).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RatioConfig {
-    /// Retries allowed per logical call while retries are failing (default 0.1: at most
-    /// 1.1 attempts per call in an outage). Kept to six decimals, exactly.
-    pub ratio: f64,
-    /// The sliding window over which calls and retries are counted (default 10 s; moves
-    /// in steps of a tenth of it).
-    pub window: Duration,
-    /// Attempts (calls and retries) per window that are never throttled (default 100: 10 a
-    /// second over the 10 s window, Finagle's and tower's `TpsBudget` minimum). What is left
-    /// of it after the window's calls, less `1 / ratio` (10) for each retry not paid for by
-    /// successes (`R - success_credit x S`: failed or still in flight), is allowed as
-    /// retries. A quiet process keeps its retries while they work at all; at 10 calls a
-    /// second and more the calls use the floor up, and only the ratio speaks.
-    pub floor: u32,
-    /// Retries earned by each retry that succeeded (default 3.0): a retry that works pays
-    /// for itself and two more, so the ratio opens up while retries work (at least a third
-    /// of them succeeding) and closes down to `ratio` when they fail.
-    pub success_credit: f64,
-    /// The most retries per logical call, however well retries are doing (default 1.5:
-    /// at most 2.5x the load). Never below `ratio`.
-    pub max_ratio: f64,
-}
-
-impl Default for RatioConfig {
-    fn default() -> Self {
-        RatioConfig {
-            ratio: 0.1,
-            window: Duration::from_secs(10),
-            floor: DEFAULT_FLOOR,
-            success_credit: 3.0,
-            max_ratio: 1.5,
-        }
-    }
-}
-
-/// The default floor: 10 retries a second over the default 10 s window.
-pub const DEFAULT_FLOOR: u32 = 100;
-
-/// A ratio in millionths; NaN, negative and absurd values are clamped (0 ..= 1000).
+/// A ratio in millionths (the config is validated: finite, 0 ..= 1000).
 fn micros(x: f64) -> u128 {
-    if x.is_finite() && x > 0.0 {
-        (x.min(1000.0) * SCALE as f64).round() as u128
-    } else {
-        0
-    }
+    (x * SCALE as f64).round() as u128
 }
 
 /// Retries as a fraction of calls, process-wide, over a sliding window, opening up while
@@ -117,7 +73,7 @@ fn micros(x: f64) -> u128 {
 ///   once per bucket period, a compare-and-swap that starts the bucket afresh); no lock.
 ///
 /// Envoy's cap on retries *in flight* is [`InFlightCap`](super::InFlightCap), beside it.
-pub struct RetryRatio {
+pub(crate) struct RetryRatio {
     config: RatioConfig,
     ratio: u128,
     credit: u128,
@@ -144,29 +100,21 @@ impl fmt::Debug for RetryRatio {
 }
 
 impl RetryRatio {
-    /// A ratio with these settings (out-of-range values are clamped: ratios to 0 ..= 1000,
-    /// the window to at least 10 ms).
-    pub fn new(config: RatioConfig) -> Self {
-        let window = config.window.max(Duration::from_millis(10));
-        let ratio = micros(config.ratio);
+    /// A ratio with these (validated) settings.
+    pub(crate) fn new(config: RatioConfig) -> Self {
         RetryRatio {
             config,
-            ratio,
+            ratio: micros(config.ratio),
             credit: micros(config.success_credit),
-            max_ratio: micros(config.max_ratio).max(ratio),
+            max_ratio: micros(config.max_ratio),
             start: Instant::now(),
-            bucket_nanos: (window.as_nanos() / BUCKETS as u128).max(1),
+            bucket_nanos: (config.window.as_nanos() / BUCKETS as u128).max(1),
             calls: Ring::new(),
             succeeded: Ring::new(),
             failed: Ring::new(),
             retries: Ring::new(),
             in_window: AtomicU64::new(0),
         }
-    }
-
-    /// The settings.
-    pub fn config(&self) -> &RatioConfig {
-        &self.config
     }
 
     fn epoch(&self) -> u32 {
@@ -338,13 +286,13 @@ impl RetryRatio {
         );
         let taken = self.in_window.load(Ordering::Acquire);
         let x = |m: u128| m as f64 / SCALE as f64;
-        let window = self.config.window.max(Duration::from_millis(10));
+        let window = self.config.window;
         format!(
             "{taken} of {:.1} retries used in the last {window:?}, for {calls} calls ({failed} \
              failed); allowed = max(floor {} - {calls} calls - {} unpaid retries x {}, min({} x {calls} \
              calls + {} x \
              {succeeded} succeeded retries, {} x {calls} calls)); shared by one `Budgets` and \
-             its clones; change it with `Budgets::ratio(Some(RatioConfig {{ .. }}))` or turn \
+             its clones; change it with `Budgets::ratio(Some(RatioConfig::builder()..build()?))` or turn \
              it off with `Budgets::ratio(None)`",
             x(self.allowance(epoch)),
             self.config.floor,

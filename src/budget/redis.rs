@@ -248,7 +248,8 @@ static RELEASE: LazyLock<Script> = LazyLock::new(|| Script::new(RELEASE_LUA));
 ///
 /// ```no_run
 /// use std::time::Duration;
-/// use tower_retry_guard::{Budgets, RedisStore, RetryLayer};
+/// use tower_retry_guard::budget::RedisStore;
+/// use tower_retry_guard::{Budgets, RetryLayer};
 /// use tower_retry_guard::server::IdempotencyLayer;
 ///
 /// # #[tokio::main(flavor = "current_thread")]

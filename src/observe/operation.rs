@@ -13,10 +13,10 @@ use std::borrow::Cow;
 use crate::request::Operation;
 
 /// The most operations tracked by default.
-pub const DEFAULT_MAX_OPERATIONS: usize = 1000;
+pub(crate) const DEFAULT_MAX_OPERATIONS: usize = 1000;
 
 /// The name the calls of operations past the cap are counted under.
-pub const OVERFLOW_OPERATION: &str = "(other operations)";
+pub(crate) const OVERFLOW_OPERATION: &str = "(other operations)";
 
 /// What an id-like path segment becomes.
 const ID: &str = "{id}";

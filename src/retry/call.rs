@@ -7,14 +7,13 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::layer::Config;
-use super::report::{Refusal, refused};
+use super::config::Config;
 use crate::backoff::CallBackoff;
 use crate::budget::{ActiveCall, RetrySlot};
 use crate::classify::ErrorKind;
 use crate::observe::{OpHandle, OpKey, default_operation};
 use crate::policy::RetryPolicy;
-use crate::request::{IdempotencyKey, Operation, RetryRequest, SideEffect};
+use crate::request::{IdempotencyKey, InvalidKey, Operation, RetryRequest, SideEffect};
 
 /// One logical call, from its first attempt to its end.
 pub(crate) struct Call<Req> {
@@ -36,6 +35,16 @@ pub(crate) struct Call<Req> {
     _active: ActiveCall,
 }
 
+/// A call refused before its first attempt: its request's key is invalid (boxed: the
+/// success path moves less).
+pub(crate) type Refused = Box<RefusedCall>;
+
+/// What a refused call reports.
+pub(crate) struct RefusedCall {
+    pub(crate) op: OpName,
+    pub(crate) invalid: InvalidKey,
+}
+
 /// The part of a call that exists once an attempt failed.
 pub(crate) struct Retried {
     /// The call's own random stream for jitter.
@@ -52,7 +61,7 @@ impl<Req: RetryRequest> Call<Req> {
     /// copy for a retry, and stamps the first attempt (key, attempt 0). An invalid key is a
     /// refusal: nothing is sent.
     #[inline]
-    pub(crate) fn start<C, H>(config: &Config<C, H>, request: &mut Req) -> Result<Self, Refusal> {
+    pub(crate) fn start<C, H>(config: &Config<C, H>, request: &mut Req) -> Result<Self, Refused> {
         let side_effect = side_effect_of(config, request);
         let op = OpName::of(config, request);
         let names = &config.names;
@@ -70,7 +79,7 @@ impl<Req: RetryRequest> Call<Req> {
                 }
             }
             Ok(None) => None,
-            Err(invalid) => return Err(refused(config, &op, invalid)),
+            Err(invalid) => return Err(Box::new(RefusedCall { op, invalid })),
         };
         // The copy is taken before the stamps: a retry stamps its own, and the success path
         // copies (and drops) one header less.

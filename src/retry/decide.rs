@@ -13,11 +13,11 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::call::Call;
-use super::layer::Config;
+use super::config::Config;
 use crate::backoff::CallBackoff;
 use crate::budget::{Budgets, RatioPermit, RetrySlot, Scope, Verdict};
 use crate::classify::{ErrorKind, Outcome};
-use crate::error::StopReason;
+use crate::observe::StopReason;
 use crate::policy::RetryPolicy;
 use crate::request::SideEffect;
 

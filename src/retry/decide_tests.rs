@@ -32,7 +32,7 @@ fn call(config: &Config<crate::LlmHttp, ()>, method: &str) -> Call<Request<Strin
         .unwrap_or_default();
     match Call::start(config, &mut request) {
         Ok(call) => call,
-        Err(refusal) => panic!("refused: {:?}", refusal.0),
+        Err(refused) => panic!("refused: {}", refused.invalid),
     }
 }
 

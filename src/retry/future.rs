@@ -12,8 +12,9 @@ use tokio::time::Sleep;
 use tower::Service;
 
 use super::call::Call;
+use super::change::ChangeRequest;
+use super::config::Config;
 use super::decide;
-use super::layer::{ChangeRequest, Config};
 use super::report::{Refusal, stop, succeed};
 use super::wait::{Answered, Resumed, Wait, answered};
 use crate::classify::{Classify, ErrorKind, Outcome};

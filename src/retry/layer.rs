@@ -1,4 +1,4 @@
-//! [`RetryLayer`]: the builder, and the [`Config`] it hands every call of a service.
+//! [`RetryLayer`]: the builder of [`Retry`] services; each gets an `Arc<Config>`.
 
 use std::fmt;
 use std::sync::Arc;
@@ -6,59 +6,13 @@ use std::sync::atomic::AtomicBool;
 
 use tower::Layer;
 
+use super::config::Config;
 use super::service::Retry;
 use crate::budget::Budgets;
-use crate::classify::{ErrorKind, LlmHttp};
+use crate::classify::LlmHttp;
 use crate::observe::RetryStats;
 use crate::policy::RetryPolicy;
 use crate::request::{HeaderNames, IdempotencyKey, Operation, RequestView, SideEffect};
-
-/// Changes a request before it is retried.
-///
-/// Called before every retry, once the local checks passed (retries left, a copy, a key for
-/// a side effect, a delay within the hint cap and the deadline) and before any budget is
-/// drawn, with the copy that the next attempt will send (its key and attempt number already
-/// stamped) and the failed result. Its answer matters for output failures
-/// ([`ErrorKind::OutputInvalid`]): `false` means "nothing changed", and the failure
-/// surfaces instead of being retried unchanged. For other failures the answer is ignored
-/// (the request may be changed all the same, e.g. to a fallback model).
-///
-/// Implemented by closures `Fn(&mut Req, &Result<Res, E>, &RetryContext) -> bool`, and by
-/// `()`, the default: no change, so output failures surface at once.
-pub trait ChangeRequest<Req, Res, E> {
-    /// Changes `request` for retry number `context.retry`; `true` if it changed.
-    fn change(&self, request: &mut Req, failed: &Result<Res, E>, context: &RetryContext) -> bool;
-}
-
-/// The context of a retry, for [`ChangeRequest`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct RetryContext {
-    /// The retry about to be made (1 for the first).
-    pub retry: u32,
-    /// Why the last attempt failed.
-    pub kind: ErrorKind,
-}
-
-/// No change hook: output failures surface at once.
-impl<Req, Res, E> ChangeRequest<Req, Res, E> for () {
-    fn change(&self, _: &mut Req, _: &Result<Res, E>, _: &RetryContext) -> bool {
-        false
-    }
-}
-
-impl<Req, Res, E, F> ChangeRequest<Req, Res, E> for F
-where
-    F: Fn(&mut Req, &Result<Res, E>, &RetryContext) -> bool,
-{
-    fn change(&self, request: &mut Req, failed: &Result<Res, E>, context: &RetryContext) -> bool {
-        self(request, failed, context)
-    }
-}
-
-pub(crate) type SideEffectFn = Arc<dyn Fn(&RequestView<'_>) -> Option<SideEffect> + Send + Sync>;
-pub(crate) type OperationFn = Arc<dyn Fn(&RequestView<'_>) -> Option<Operation> + Send + Sync>;
-pub(crate) type KeyFn = Arc<dyn Fn(&RequestView<'_>) -> Option<IdempotencyKey> + Send + Sync>;
 
 /// Retries calls with discipline: bounded, backed off, keyed, budgeted, visible.
 ///
@@ -93,64 +47,6 @@ pub(crate) type KeyFn = Arc<dyn Fn(&RequestView<'_>) -> Option<IdempotencyKey> +
 #[derive(Clone)]
 pub struct RetryLayer<C = LlmHttp, H = ()> {
     config: Config<C, H>,
-}
-
-/// What every call of one service reads: the layer's settings, resolved once.
-pub(crate) struct Config<C, H> {
-    pub(crate) policy: RetryPolicy,
-    pub(crate) classify: C,
-    pub(crate) change: H,
-    pub(crate) budgets: Budgets,
-    pub(crate) names: HeaderNames,
-    pub(crate) mint_keys: bool,
-    pub(crate) side_effect_fn: Option<SideEffectFn>,
-    pub(crate) operation_fn: Option<OperationFn>,
-    pub(crate) key_fn: Option<KeyFn>,
-    pub(crate) info_on_success: bool,
-    pub(crate) stats: RetryStats,
-    /// The "cannot be cloned" warning was given (once per service).
-    pub(crate) warned_unclonable: AtomicBool,
-}
-
-impl<C: Clone, H: Clone> Clone for Config<C, H> {
-    fn clone(&self) -> Self {
-        Config {
-            policy: self.policy.clone(),
-            classify: self.classify.clone(),
-            change: self.change.clone(),
-            budgets: self.budgets.clone(),
-            names: self.names.clone(),
-            mint_keys: self.mint_keys,
-            side_effect_fn: self.side_effect_fn.clone(),
-            operation_fn: self.operation_fn.clone(),
-            key_fn: self.key_fn.clone(),
-            info_on_success: self.info_on_success,
-            stats: self.stats.clone(),
-            // Each service warns once.
-            warned_unclonable: AtomicBool::new(false),
-        }
-    }
-}
-
-impl<C, H> Config<C, H> {
-    /// The same settings with another classifier or change hook.
-    fn map<C2, H2>(self, f: impl FnOnce(C, H) -> (C2, H2)) -> Config<C2, H2> {
-        let (classify, change) = f(self.classify, self.change);
-        Config {
-            policy: self.policy,
-            classify,
-            change,
-            budgets: self.budgets,
-            names: self.names,
-            mint_keys: self.mint_keys,
-            side_effect_fn: self.side_effect_fn,
-            operation_fn: self.operation_fn,
-            key_fn: self.key_fn,
-            info_on_success: self.info_on_success,
-            stats: self.stats,
-            warned_unclonable: self.warned_unclonable,
-        }
-    }
 }
 
 impl Default for RetryLayer {
@@ -197,8 +93,8 @@ impl<C, H> RetryLayer<C, H> {
         }
     }
 
-    /// A hook that changes the request before each retry: see [`ChangeRequest`]. Without
-    /// one, an output failure ([`ErrorKind::OutputInvalid`]) is never retried.
+    /// A hook that changes the request before each retry: see [`ChangeRequest`](super::ChangeRequest). Without
+    /// one, an output failure ([`ErrorKind::OutputInvalid`](crate::ErrorKind::OutputInvalid)) is never retried.
     pub fn on_retry<H2>(self, change: H2) -> RetryLayer<C, H2> {
         RetryLayer {
             config: self.config.map(|classify, _| (classify, change)),
@@ -290,18 +186,6 @@ impl<S, C: Clone, H: Clone> Layer<S> for RetryLayer<C, H> {
 impl<C, H> fmt::Debug for RetryLayer<C, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.config.fmt(f)
-    }
-}
-
-impl<C, H> fmt::Debug for Config<C, H> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RetryLayer")
-            .field("policy", &self.policy)
-            .field("budgets", &self.budgets)
-            .field("names", &self.names)
-            .field("mint_keys", &self.mint_keys)
-            .field("info_on_success", &self.info_on_success)
-            .finish_non_exhaustive()
     }
 }
 

@@ -3,7 +3,8 @@
 //!
 //! Where to look:
 //!
-//! - `layer.rs`: the builder, and the `Config` every call of a service shares (`Arc`).
+//! - `layer.rs`: the builder; `config.rs`: the `Config` every call of a service shares
+//!   (`Arc`); `change.rs`: the [`ChangeRequest`] hook.
 //! - `service.rs`: [`Retry`]: readiness, and the first attempt.
 //! - `call.rs`: one logical call, decided once before the first attempt: its side effect,
 //!   key, operation name, deadline and the copy for a retry.
@@ -40,6 +41,8 @@
 //! ```
 
 mod call;
+mod change;
+mod config;
 mod decide;
 mod future;
 mod layer;
@@ -47,6 +50,7 @@ mod report;
 mod service;
 mod wait;
 
+pub use self::change::{ChangeRequest, RetryContext};
 pub use self::future::ResponseFuture;
-pub use self::layer::{ChangeRequest, RetryContext, RetryLayer};
+pub use self::layer::RetryLayer;
 pub use self::service::Retry;

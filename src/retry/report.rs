@@ -5,9 +5,10 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::call::{Call, OpName};
-use super::layer::Config;
+use super::config::Config;
 use crate::classify::{Classify, ErrorKind};
-use crate::error::{RetryError, StopReason};
+use crate::error::RetryError;
+use crate::observe::StopReason;
 use crate::observe::{CallOutcome, RetryInfo};
 use crate::request::{InvalidKey, RetryRequest};
 

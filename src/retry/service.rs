@@ -7,10 +7,11 @@ use std::task::{Context, Poll};
 use tower::Service;
 
 use super::call::Call;
+use super::change::ChangeRequest;
+use super::config::Config;
 use super::decide;
 use super::future::ResponseFuture;
-use super::layer::{ChangeRequest, Config};
-use super::report::span;
+use super::report::{refused, span};
 use crate::classify::Classify;
 use crate::error::RetryError;
 use crate::observe::RetryInfo;
@@ -91,7 +92,8 @@ where
                 let (service, config) = (self.inner.clone(), self.config.clone());
                 ResponseFuture::calling(attempt, call, span, service, config)
             }
-            Err(refusal) => {
+            Err(call) => {
+                let refusal = refused(&self.config, &call.op, call.invalid);
                 ResponseFuture::refused(refusal, self.inner.clone(), self.config.clone())
             }
         }

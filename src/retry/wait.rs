@@ -11,12 +11,14 @@ use tokio::time::{Instant, Sleep};
 use tower::Service;
 
 use super::call::Call;
+use super::change::{ChangeRequest, RetryContext};
+use super::config::Config;
 use super::decide::{self, Decision};
-use super::layer::{ChangeRequest, Config, RetryContext};
 use super::report::{log_retry, stop, succeed};
 use crate::budget::{Acquire, RatioPermit, RetrySlot, Verdict};
 use crate::classify::{Classify, ErrorKind, Outcome};
-use crate::error::{RetryError, StopReason};
+use crate::error::RetryError;
+use crate::observe::StopReason;
 use crate::request::RetryRequest;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
