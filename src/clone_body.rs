@@ -5,7 +5,7 @@ use bytes::Bytes;
 /// A request body that may be copied for a retry.
 ///
 /// Implemented for the usual in-memory bodies. A streaming body (`hyper::body::Incoming`)
-/// cannot be replayed; buffer it first (see [`crate::BufferedBody`]).
+/// cannot be replayed; buffer it first (see [`BufferedBody`](crate::body::BufferedBody)).
 pub trait CloneBody: Sized {
     /// A copy of the body, or `None` if it cannot be replayed.
     fn try_clone_body(&self) -> Option<Self>;

@@ -72,11 +72,15 @@
 //! really happen:
 //!
 //! 1. classify ([`Classify`]) → success / fail / retry(kind, hint);
-//! 2. retries left? request cloneable? side effect safe (key present)? output failure with a
-//!    change ([`ChangeRequest`])?
+//! 2. retries left? request cloneable? side effect safe (key present)?
 //! 3. delay = max(backoff, hint); within the hint cap and the deadline?
-//! 4. the process retry ratio (an atomic), then the task and user budgets in one store call;
-//! 5. record (tracing event + stats), sleep, call again with the same key.
+//! 4. an output failure is retried only if the change hook
+//!    ([`ChangeRequest`](retry::ChangeRequest)) changed the request;
+//! 5. the process retry ratio (an atomic), then the task and user budgets in one store call;
+//! 6. record (tracing event + stats), sleep, call again with the same key.
+//!
+//! Steps 1–3 are one pure function (`src/retry/decide.rs`), where every reason to stop is
+//! made.
 //!
 //! ## Errors and responses
 //!

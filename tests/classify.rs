@@ -718,7 +718,7 @@ async fn a_closure_classifier_replaces_the_preset() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn or_else_extends_the_preset_with_a_body_check() {
+async fn or_extends_the_preset_with_a_body_check() {
     let body_check = |r: &Result<Response<String>, io::Error>| match r {
         Ok(res) if !res.body().starts_with('{') => Outcome::retry(ErrorKind::OutputInvalid),
         _ => Outcome::Success,
@@ -746,7 +746,7 @@ async fn or_else_extends_the_preset_with_a_body_check() {
     let res = send(&mut svc, get()).await.unwrap();
     assert_eq!(res.body(), "{}");
     assert_eq!(log.count(), 3);
-    // The preset attaches the info through `or_else`.
+    // The preset attaches the info through `or`.
     assert_eq!(info(&res).last_error, Some(ErrorKind::OutputInvalid));
     assert_eq!(info(&res).outcome, CallOutcome::Recovered);
 
@@ -763,6 +763,35 @@ async fn or_else_extends_the_preset_with_a_body_check() {
             kind: ErrorKind::ClientError
         }
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_info_survives_a_validator_placed_before_the_preset() {
+    // A closure attaches nothing: `validator.or(LlmHttp)` hands the info to the preset
+    // (before, only the first classifier was asked, and the info was lost).
+    let validator = |r: &Result<Response<String>, io::Error>| match r {
+        Ok(res) if res.body() == "bad" => Outcome::retry(ErrorKind::OutputInvalid),
+        _ => Outcome::Success,
+    };
+    let mut svc = layer().classify(validator.or(LlmHttp)).layer(scripted(
+        Log::default(),
+        Arc::new(|n| {
+            Ok(match n {
+                0 => status(503),
+                _ => Response::new("{}".to_string()),
+            })
+        }),
+    ));
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(info(&res).attempts, 2);
+    assert_eq!(info(&res).outcome, CallOutcome::Recovered);
+    // On a first-attempt success too.
+    let mut svc = layer().classify(validator.or(LlmHttp)).layer(scripted(
+        Log::default(),
+        Arc::new(|_| Ok(Response::new("{}".to_string()))),
+    ));
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(info(&res).outcome, CallOutcome::Succeeded);
 }
 
 mod replayed_and_late {

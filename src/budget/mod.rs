@@ -8,7 +8,7 @@
 //! | [`Scope::Task`] | 5 retry events per task id, forgotten 1 h after the task's last retry | the [`BudgetStore`] |
 //! | [`Scope::User`] | 60 retries a minute per user id, bursts of 10 | the [`BudgetStore`] |
 //! | [`Scope::InFlight`] | retries being sent at once <= max(3, 20% of active calls) ([`InFlightCap`]) | this process |
-//! | [`Scope::Process`] | retries <= 10% of calls over 10 s while retries fail, up to 150% while they succeed ([`RetryRatio`], [`RatioConfig`]) | this process |
+//! | [`Scope::Process`] | retries <= 10% of calls over 10 s while retries fail, up to 150% while they succeed ([`RatioConfig`]) | this process |
 //!
 //! A request without a task id (or user id) is not charged to that scope. A request that
 //! carries one is always charged, whatever its shape (long, UTF-8, empty, control
@@ -193,6 +193,23 @@ pub enum OnStoreError {
 
 /// The retry budgets a layer draws from. Clone it to share budgets between layers: clones
 /// share the process ratio and the store.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_retry_guard::budget::{Limit, MemoryStore, OnStoreError};
+/// use tower_retry_guard::{Budgets, RetryLayer};
+///
+/// // At most 2 retries per task (the `x-task-id` header or a `TaskId` extension), 30 a
+/// // minute per user, the default process ratio; one store shared by both layers.
+/// let budgets = Budgets::default()
+///     .per_task(Some(Limit::Count { max: 2, ttl: Duration::from_secs(600) }))
+///     .per_user(Some(Limit::Rate { tokens: 30, per: Duration::from_secs(60), burst: 5 }))
+///     .store(MemoryStore::new())
+///     .on_store_error(OnStoreError::FailClosed);
+/// let chat = RetryLayer::new().budgets(budgets.clone());
+/// let tools = RetryLayer::new().budgets(budgets);
+/// # let _ = (chat, tools);
+/// ```
 #[derive(Clone)]
 pub struct Budgets {
     per_task: Option<Limit>,

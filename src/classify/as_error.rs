@@ -9,7 +9,7 @@ use std::io;
 /// `tower::BoxError` (`Box<dyn Error + Send + Sync>` does not implement `Error`), so the
 /// common error types are listed here. For another error type, implement this trait (one
 /// line: `fn as_error(&self) -> &(dyn Error + 'static) { self }`) or classify with a closure
-/// that calls [`Errors::classify_error`].
+/// that calls [`Errors::classify_error`](super::Errors::classify_error).
 pub trait AsError {
     /// The error as a `std::error::Error` trait object whose source chain can be walked.
     fn as_error(&self) -> &(dyn StdError + 'static);

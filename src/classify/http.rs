@@ -14,7 +14,7 @@ use crate::observe::RetryInfo;
 /// | 1xx, 2xx, 3xx | success |
 /// | 408 | retry, [`ErrorKind::Timeout`] |
 /// | 409 | retry, [`ErrorKind::Conflict`] |
-/// | 429 | retry, [`ErrorKind::RateLimited`]; but fail with [`ErrorKind::QuotaExhausted`] when the error body (buffered by [`BufferErrorBodyLayer`](crate::BufferErrorBodyLayer)) says the account is out of quota (`insufficient_quota`, ...) |
+/// | 429 | retry, [`ErrorKind::RateLimited`]; but fail with [`ErrorKind::QuotaExhausted`] when the error body (buffered by [`BufferErrorBodyLayer`](crate::body::BufferErrorBodyLayer)) says the account is out of quota (`insufficient_quota`, ...) |
 /// | 503, 529 | retry, [`ErrorKind::Overloaded`] |
 /// | 504 | retry, [`ErrorKind::Timeout`] |
 /// | other 5xx | retry, [`ErrorKind::ServerError`] |

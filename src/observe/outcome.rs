@@ -166,6 +166,28 @@ impl fmt::Display for CallOutcome {
 
 /// What the layer did for one logical call. In the response's extensions (HTTP) and in
 /// [`RetryError::info`](crate::RetryError::info).
+///
+/// ```
+/// use http::{Request, Response, StatusCode};
+/// use tower::{Service, ServiceBuilder, ServiceExt};
+/// use tower_retry_guard::{CallOutcome, RetryInfo, RetryLayer, StopReason};
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// // A provider that keeps answering 503: the caller gets the last 503, and why it stopped.
+/// let mut svc = ServiceBuilder::new().layer(RetryLayer::new()).service_fn(|_: Request<String>| async {
+///     let mut res = Response::new(String::from("overloaded"));
+///     *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+///     Ok::<_, std::io::Error>(res)
+/// });
+/// let res = svc.ready().await?.call(Request::new(String::new())).await?;
+/// let info = res.extensions().get::<RetryInfo>().expect("always attached");
+/// assert_eq!(info.attempts, 4);
+/// assert!(matches!(info.outcome, CallOutcome::Stopped(StopReason::Exhausted { max_retries: 3 })));
+/// assert_eq!(info.operation.as_ref().map(|o| o.as_str()), Some("GET /"));
+/// # Ok(())
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RetryInfo {
