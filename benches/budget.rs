@@ -31,8 +31,9 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use dashmap::DashMap;
 use http::{Request, Response, StatusCode};
 use tower::{Service, ServiceBuilder, ServiceExt};
+use tower_retry_guard::budget::MemoryStore;
 use tower_retry_guard::budget::{BudgetStore, Draw, Grant, Limit, Scope};
-use tower_retry_guard::{Backoff, Budgets, MemoryStore, RetryLayer, RetryPolicy};
+use tower_retry_guard::{Backoff, Budgets, RetryLayer, RetryPolicy};
 
 const SPREAD: usize = 1_000_000;
 

@@ -19,7 +19,8 @@ use backon::{ExponentialBuilder, Retryable};
 use criterion::{Criterion, criterion_group, criterion_main};
 use http::{Request, Response};
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_retry_guard::{Budgets, HeaderNames, RetryLayer};
+use tower_retry_guard::request::HeaderNames;
+use tower_retry_guard::{Budgets, RetryLayer};
 
 type Req = Request<String>;
 type Res = Response<String>;

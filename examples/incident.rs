@@ -33,9 +33,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_retry_guard::budget::RatioConfig;
-use tower_retry_guard::{
-    Budgets, Call, DedupeFn, Guard, MemoryIdempotencyStore, RetryLayer, RetryPolicy, RetryStats,
-};
+use tower_retry_guard::guard::DedupeFn;
+use tower_retry_guard::server::MemoryIdempotencyStore;
+use tower_retry_guard::{Budgets, Call, Guard, RetryLayer, RetryPolicy, RetryStats};
 
 type Body = Full<Bytes>;
 type HttpClient = Client<HttpConnector, Body>;
@@ -199,7 +199,7 @@ fn guarded(stats: &RetryStats) -> Result<RetryLayer, BoxError> {
     let policy = RetryPolicy::builder()
         .max_total_time(Duration::from_secs(10))
         .build()?;
-    Ok(RetryLayer::new().policy(policy).stats(stats.clone()))
+    Ok(RetryLayer::new().policy(policy).with_stats(stats.clone()))
 }
 
 #[tokio::main]
@@ -330,13 +330,10 @@ async fn provider(stats: &RetryStats) -> Result<(), BoxError> {
     let base = serve(router).await?;
     // LLM completions change nothing: mark them idempotent so they retry without a key.
     let layer = RetryLayer::new()
-        .stats(stats.clone())
+        .with_stats(stats.clone())
         // A quiet demo process: the ratio's floor (retries always allowed per 10 s window)
         // is raised from 3 so that every chat call may use its 3 retries.
-        .budgets(Budgets::default().ratio(Some(RatioConfig {
-            floor: 12,
-            ..RatioConfig::default()
-        })))
+        .budgets(Budgets::default().ratio(Some(RatioConfig::builder().floor(12).build()?)))
         .side_effect_fn(|view| {
             let path = view.uri.map(|u| u.path()).unwrap_or_default();
             path.starts_with("/v1/")

@@ -150,7 +150,7 @@ async fn main() -> Result<(), BoxError> {
         ))
         .build()?;
     let retry = RetryLayer::new().policy(policy).budgets(Budgets::none());
-    let stats = retry.retry_stats();
+    let stats = retry.stats();
     let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
     let client = ServiceBuilder::new()

@@ -62,7 +62,7 @@ async fn main() -> Result<(), BoxError> {
     let retry = RetryLayer::new()
         .policy(RetryPolicy::builder().max_retries(3).build()?)
         .side_effect_fn(|_| Some(SideEffect::Idempotent));
-    let stats = retry.retry_stats();
+    let stats = retry.stats();
     let mut llm = ServiceBuilder::new().layer(retry).service(client.clone());
 
     let request = client

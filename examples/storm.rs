@@ -187,7 +187,7 @@ fn run(rate: u32, p: f64, strategy: Strategy) -> std::io::Result<Row> {
             .build()
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         let layer = RetryLayer::new().policy(policy);
-        let stats = layer.retry_stats();
+        let stats = layer.stats();
         let guard = layer.layer(provider.clone());
         let budget = Arc::new(TpsBudget::default());
         let succeeded = Arc::new(AtomicU64::new(0));

@@ -17,7 +17,8 @@ use std::time::Instant;
 
 use http::{Request, Response};
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_retry_guard::{Budgets, HeaderNames, RetryLayer};
+use tower_retry_guard::request::HeaderNames;
+use tower_retry_guard::{Budgets, RetryLayer};
 
 type Req = Request<String>;
 type Res = Response<String>;

@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use tower::BoxError;
-use tower_retry_guard::{Call, DedupeFn, Guard, MemoryIdempotencyStore, RetryLayer, RetryPolicy};
+use tower_retry_guard::guard::DedupeFn;
+use tower_retry_guard::server::MemoryIdempotencyStore;
+use tower_retry_guard::{Call, Guard, RetryLayer, RetryPolicy};
 
 static EMAILS: AtomicU32 = AtomicU32::new(0);
 

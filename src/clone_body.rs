@@ -5,7 +5,7 @@ use bytes::Bytes;
 /// A request body that may be copied for a retry.
 ///
 /// Implemented for the usual in-memory bodies. A streaming body (`hyper::body::Incoming`)
-/// cannot be replayed; buffer it first (see [`crate::BufferedBody`]).
+/// cannot be replayed; buffer it first (see [`BufferedBody`](crate::body::BufferedBody)).
 #[diagnostic::on_unimplemented(
     message = "the body `{Self}` cannot be replayed for a retry",
     note = "buffer a streaming body first: put `BufferRequestBodyLayer` outside the `RetryLayer` (its `BufferedBody` implements `CloneBody`), or use `String`, `Bytes` or `Full<Bytes>`"

@@ -1,11 +1,12 @@
-//! The key and attempt headers: read, validated, stamped.
+//! The key and attempt headers (read, validated, stamped), and [`RetryRequest`] for
+//! `http::Request`.
 
 use std::borrow::Cow;
 
 use http::header::HeaderName;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderValue, Request};
 
-use super::{IdempotencyKey, InvalidKey};
+use super::{CloneBody, IdempotencyKey, InvalidKey, RequestView, RetryRequest, SideEffect};
 
 /// The header names the layer reads and writes; see
 /// [`RetryLayer::header_names`](crate::RetryLayer::header_names).
@@ -128,5 +129,48 @@ pub(crate) fn attempt_header(attempt: u32) -> HeaderValue {
     match ATTEMPT_VALUES.get(attempt as usize) {
         Some(s) => HeaderValue::from_static(s),
         None => HeaderValue::from(attempt),
+    }
+}
+
+impl<B: CloneBody> RetryRequest for Request<B> {
+    fn try_clone(&self) -> Option<Self> {
+        let body = self.body().try_clone_body()?;
+        let mut req = Request::new(body);
+        *req.method_mut() = self.method().clone();
+        *req.uri_mut() = self.uri().clone();
+        *req.version_mut() = self.version();
+        *req.headers_mut() = self.headers().clone();
+        *req.extensions_mut() = self.extensions().clone();
+        Some(req)
+    }
+
+    fn side_effect(&self) -> SideEffect {
+        // A `SideEffect` extension is read by the layer, before this, for every request type.
+        SideEffect::of_method(self.method())
+    }
+
+    fn idempotency_key(&self, names: &HeaderNames) -> Result<Option<IdempotencyKey>, InvalidKey> {
+        key_of_parts(
+            self.headers(),
+            self.extensions().get::<IdempotencyKey>(),
+            names,
+        )
+    }
+
+    fn set_idempotency_key(&mut self, key: &IdempotencyKey, names: &HeaderNames) {
+        stamp_key(self.headers_mut(), key, names);
+    }
+
+    fn set_attempt(&mut self, attempt: u32, names: &HeaderNames) {
+        stamp_attempt(self.headers_mut(), attempt, names);
+    }
+
+    fn view(&self) -> RequestView<'_> {
+        RequestView::http(
+            self.method(),
+            self.uri(),
+            self.headers(),
+            Some(self.extensions()),
+        )
     }
 }

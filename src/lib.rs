@@ -40,7 +40,7 @@
 //!     .max_total_time(Duration::from_secs(10))
 //!     .build()?;
 //! let layer = RetryLayer::new().policy(policy);
-//! let stats = layer.retry_stats();
+//! let stats = layer.stats();
 //!
 //! // A provider that is overloaded once, then answers.
 //! let calls = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -72,11 +72,15 @@
 //! really happen:
 //!
 //! 1. classify ([`Classify`]) → success / fail / retry(kind, hint);
-//! 2. retries left? request cloneable? side effect safe (key present)? output failure with a
-//!    change ([`ChangeRequest`])?
+//! 2. retries left? request cloneable? side effect safe (key present)?
 //! 3. delay = max(backoff, hint); within the hint cap and the deadline?
-//! 4. the process retry ratio (an atomic), then the task and user budgets in one store call;
-//! 5. record (tracing event + stats), sleep, call again with the same key.
+//! 4. an output failure is retried only if the change hook
+//!    ([`ChangeRequest`](retry::ChangeRequest)) changed the request;
+//! 5. the process retry ratio (an atomic), then the task and user budgets in one store call;
+//! 6. record (tracing event + stats), sleep, call again with the same key.
+//!
+//! Steps 1–3 are one pure function (`src/retry/decide.rs`), where every reason to stop is
+//! made.
 //!
 //! ## Errors and responses
 //!
@@ -96,8 +100,8 @@
 //! ## gRPC
 //!
 //! A tonic `Channel` is retried like any tower service: [`classify::Grpc`] reads
-//! `grpc-status` and `grpc-retry-pushback-ms`, [`HeaderNames::grpc`] stamps
-//! `grpc-previous-rpc-attempts`, and [`BufferRequestBodyLayer`] keeps the request for a
+//! `grpc-status` and `grpc-retry-pushback-ms`, [`HeaderNames::grpc`](crate::request::HeaderNames::grpc) stamps
+//! `grpc-previous-rpc-attempts`, and [`BufferRequestBodyLayer`](crate::body::BufferRequestBodyLayer) keeps the request for a
 //! retry. The stack and the rule for side effects are in the [`classify`] module docs.
 #![forbid(unsafe_code)]
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
@@ -105,52 +109,33 @@
 mod backoff;
 pub mod body;
 pub mod budget;
-mod call;
 pub mod classify;
-mod decide;
 mod error;
-mod future;
 pub mod guard;
-mod layer;
-mod observe;
+pub mod observe;
 mod policy;
 mod random;
 #[cfg(feature = "redis")]
 mod redis;
-mod report;
-mod request;
+pub mod request;
 #[cfg(feature = "reqwest")]
 mod reqwest_impl;
+pub mod retry;
 pub mod server;
-mod service;
 mod store;
 pub mod stream;
 
 pub use crate::backoff::{Backoff, Jitter};
-pub use crate::body::{BufferErrorBodyLayer, BufferRequestBodyLayer, BufferedBody, ErrorBody};
-pub use crate::budget::{BudgetStore, Budgets, MemoryStore};
+pub use crate::budget::Budgets;
 pub use crate::classify::{Classify, ErrorKind, LlmHttp, Outcome};
-pub use crate::error::{RetryError, StopReason};
-pub use crate::future::ResponseFuture;
-pub use crate::guard::{Attempt, Call, DedupeFn, Guard};
-pub use crate::layer::{ChangeRequest, NoChange, RetryContext, RetryLayer};
-pub use crate::observe::{
-    CallOutcome, DEFAULT_MAX_OPERATIONS, Health, KindSnapshot, OVERFLOW_OPERATION, RetryInfo,
-    RetryStats, Window,
-};
-pub use crate::policy::{
-    MAX_RETRIES_LIMIT, MAX_TOTAL_TIME_LIMIT, PolicyError, RetryPolicy, RetryPolicyBuilder,
-};
+pub use crate::error::RetryError;
+pub use crate::guard::{Call, Guard};
+pub use crate::observe::{CallOutcome, Health, RetryInfo, RetryStats, StopReason};
+pub use crate::policy::{PolicyError, RetryPolicy, RetryPolicyBuilder};
 #[cfg(feature = "redis")]
 pub use crate::redis::RedisStore;
-pub use crate::request::{
-    CloneBody, HeaderNames, IdempotencyKey, InvalidKey, MAX_KEY_LEN, Operation, RequestView,
-    RetryRequest, SideEffect, TaskId, UserId,
-};
-pub use crate::server::{
-    Dedupe, DedupeLayer, Idempotency, IdempotencyLayer, IdempotencyStore, MemoryIdempotencyStore,
-};
-pub use crate::service::Retry;
+pub use crate::request::{IdempotencyKey, Operation, RetryRequest, SideEffect};
+pub use crate::retry::{ResponseFuture, Retry, RetryLayer};
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]

@@ -7,18 +7,11 @@ use std::time::Duration;
 
 use crate::backoff::{Backoff, CallBackoff, Jitter, mix_seed};
 
-/// The most retries a policy may allow: more is refused by [`RetryPolicyBuilder::build`].
-/// (gRPC caps attempts at 5; the SRE book recommends 3. Ten retries is already a storm.)
-pub const MAX_RETRIES_LIMIT: u32 = 10;
-
-/// The longest total time a policy may allow (24 h).
-pub const MAX_TOTAL_TIME_LIMIT: Duration = Duration::from_secs(24 * 60 * 60);
-
 /// The per-operation bounds of one logical call: how many retries, how long in all, how long
 /// between attempts, and how long a server may ask us to wait.
 ///
 /// A policy cannot be unbounded: [`RetryPolicyBuilder::build`] refuses a zero or unlimited
-/// total time, more than [`MAX_RETRIES_LIMIT`] retries and contradictory settings.
+/// total time, more than [`RetryPolicy::MAX_RETRIES_LIMIT`] retries and contradictory settings.
 ///
 /// ```
 /// use std::time::Duration;
@@ -61,6 +54,13 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// The most retries a policy may allow: more is refused by [`RetryPolicyBuilder::build`].
+    /// (gRPC caps attempts at 5; the SRE book recommends 3. Ten retries is already a storm.)
+    pub const MAX_RETRIES_LIMIT: u32 = 10;
+
+    /// The longest total time a policy may allow (24 h).
+    pub const MAX_TOTAL_TIME_LIMIT: Duration = Duration::from_secs(24 * 60 * 60);
+
     /// A builder starting from the defaults.
     pub fn builder() -> RetryPolicyBuilder {
         RetryPolicyBuilder::default()
@@ -94,6 +94,11 @@ impl RetryPolicy {
 
     /// A fresh backoff state for one call, with its own random stream. Called on a call's
     /// first failure only.
+    /// The policy's seed (a call's stream is drawn from it and the call's number).
+    pub(crate) fn seed(&self) -> u64 {
+        self.seed
+    }
+
     pub(crate) fn call_backoff(&self) -> CallBackoff {
         let n = self.calls.fetch_add(1, Ordering::Relaxed);
         CallBackoff::new(mix_seed(self.seed, n))
@@ -126,7 +131,7 @@ impl Default for RetryPolicyBuilder {
 }
 
 impl RetryPolicyBuilder {
-    /// The most retries of one call (default 3; at most [`MAX_RETRIES_LIMIT`]).
+    /// The most retries of one call (default 3; at most [`RetryPolicy::MAX_RETRIES_LIMIT`]).
     /// Zero turns retries off.
     pub fn max_retries(mut self, retries: u32) -> Self {
         self.max_retries = retries;
@@ -167,25 +172,29 @@ impl RetryPolicyBuilder {
 
     /// Checks the settings and builds the policy.
     pub fn build(self) -> Result<RetryPolicy, PolicyError> {
-        let err = |setting: &'static str, problem: String| Err(PolicyError { setting, problem });
-        if self.max_retries > MAX_RETRIES_LIMIT {
+        let err = |setting: &'static str, problem: String| {
+            Err(PolicyError::new("retry policy", setting, problem))
+        };
+        if self.max_retries > RetryPolicy::MAX_RETRIES_LIMIT {
             return err(
                 "max_retries",
                 format!(
-                    "{} is above the hard limit of {MAX_RETRIES_LIMIT}",
-                    self.max_retries
+                    "{} is above the hard limit of {}",
+                    self.max_retries,
+                    RetryPolicy::MAX_RETRIES_LIMIT
                 ),
             );
         }
         if self.max_total_time.is_zero() {
             return err("max_total_time", "must not be zero".into());
         }
-        if self.max_total_time > MAX_TOTAL_TIME_LIMIT {
+        if self.max_total_time > RetryPolicy::MAX_TOTAL_TIME_LIMIT {
             return err(
                 "max_total_time",
                 format!(
                     "{:?} is unbounded for a retry (the limit is {:?})",
-                    self.max_total_time, MAX_TOTAL_TIME_LIMIT
+                    self.max_total_time,
+                    RetryPolicy::MAX_TOTAL_TIME_LIMIT
                 ),
             );
         }
@@ -258,11 +267,20 @@ impl RetryPolicyBuilder {
 /// A [`RetryPolicy`] that cannot be built: which setting, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyError {
+    what: &'static str,
     setting: &'static str,
     problem: String,
 }
 
 impl PolicyError {
+    pub(crate) fn new(what: &'static str, setting: &'static str, problem: String) -> Self {
+        PolicyError {
+            what,
+            setting,
+            problem,
+        }
+    }
+
     /// The setting at fault (`"max_total_time"`, `"backoff.cap"`, ...).
     pub fn setting(&self) -> &'static str {
         self.setting
@@ -273,8 +291,8 @@ impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "invalid retry policy: `{}` {}",
-            self.setting, self.problem
+            "invalid {}: `{}` {}",
+            self.what, self.setting, self.problem
         )
     }
 }

@@ -13,11 +13,11 @@ use bytes::Bytes;
 
 pub use self::clone_body::CloneBody;
 pub use self::key_headers::HeaderNames;
+pub(crate) use self::key_headers::single_header;
 #[cfg(feature = "reqwest")]
-pub(crate) use self::key_headers::key_from_headers;
-pub(crate) use self::key_headers::{key_of_parts, single_header, stamp_attempt, stamp_key};
+pub(crate) use self::key_headers::{key_from_headers, stamp_attempt, stamp_key};
 use http::header::HeaderName;
-use http::{Extensions, HeaderMap, HeaderValue, Method, Request, Uri};
+use http::{Extensions, HeaderMap, HeaderValue, Method, Uri};
 
 /// Whether running a request twice can do harm.
 ///
@@ -57,9 +57,6 @@ impl SideEffect {
     }
 }
 
-/// The longest idempotency key accepted (Stripe's limit).
-pub const MAX_KEY_LEN: usize = 255;
-
 /// An idempotency key: the name of one logical operation, the same on every attempt.
 ///
 /// Valid keys are 1 to 255 characters of visible ASCII other than `"` and `\` (so that the
@@ -76,6 +73,9 @@ pub struct IdempotencyKey {
 }
 
 impl IdempotencyKey {
+    /// The longest key accepted (Stripe's limit).
+    pub const MAX_LEN: usize = 255;
+
     /// Mints a new random key (UUID v4). One allocation.
     pub fn generate() -> Self {
         let mut buf = [0u8; 38];
@@ -162,7 +162,7 @@ fn validate(bytes: &[u8]) -> Result<(), InvalidKey> {
     if bytes.is_empty() {
         return Err(InvalidKey::new("empty"));
     }
-    if bytes.len() > MAX_KEY_LEN {
+    if bytes.len() > IdempotencyKey::MAX_LEN {
         return Err(InvalidKey::new("longer than 255 characters"));
     }
     if let Some(at) = bytes
@@ -303,12 +303,14 @@ impl<'a> RequestView<'a> {
     note = "for `reqwest::Request`, enable the `reqwest` feature; for your own request type (a tool call), implement `RetryRequest` or use `Guard::run`"
 )]
 pub trait RetryRequest: Sized {
-    /// A copy for the next attempt. Called once per logical call, before the first attempt,
-    /// after the key was stamped, and again before each retry. `None` turns retries off for
+    /// A copy for the next attempt. Called once per logical call, before the first attempt is
+    /// stamped (the retry stamps its own key and attempt number), and again when a retry is
+    /// sent, for the attempt after it. `None` turns retries off for
     /// this call: the first result is returned as it is, and a warning says why.
     fn try_clone(&self) -> Option<Self>;
 
-    /// Whether the request has a side effect. Called once per logical call.
+    /// Whether the request has a side effect. Called once per logical call, when neither a
+    /// [`SideEffect`] extension nor the layer's `side_effect_fn` decided it.
     fn side_effect(&self) -> SideEffect;
 
     /// The key the request already carries, if any. Called once per logical call, whatever
@@ -318,11 +320,13 @@ pub trait RetryRequest: Sized {
     /// ([`InvalidKey`]) — the key reported is always the key sent.
     fn idempotency_key(&self, names: &HeaderNames) -> Result<Option<IdempotencyKey>, InvalidKey>;
 
-    /// Stamps the key on the request. Called once per logical call, on side-effecting
-    /// requests that had no key; every retry is a copy of the stamped request.
+    /// Stamps the call's key on the request: on the first attempt's request, and on the copy
+    /// for each retry (taken before the first attempt was stamped). A key the request already
+    /// carries must be left as it is.
     fn set_idempotency_key(&mut self, key: &IdempotencyKey, names: &HeaderNames);
 
-    /// Tells the server which attempt this is (0 for the first). Called before every attempt.
+    /// Tells the server which attempt this is (0 for the first). Called before every attempt
+    /// (for a retry, before the `on_retry` hook sees the copy).
     fn set_attempt(&mut self, attempt: u32, names: &HeaderNames) {
         let _ = (attempt, names);
     }
@@ -372,49 +376,4 @@ fn id_from_view<T: Send + Sync + 'static>(
         id.push_str(&String::from_utf8_lossy(more.as_bytes()));
     }
     Some(id)
-}
-
-impl<B: CloneBody> RetryRequest for Request<B> {
-    fn try_clone(&self) -> Option<Self> {
-        let body = self.body().try_clone_body()?;
-        let mut req = Request::new(body);
-        *req.method_mut() = self.method().clone();
-        *req.uri_mut() = self.uri().clone();
-        *req.version_mut() = self.version();
-        *req.headers_mut() = self.headers().clone();
-        *req.extensions_mut() = self.extensions().clone();
-        Some(req)
-    }
-
-    fn side_effect(&self) -> SideEffect {
-        match self.extensions().get::<SideEffect>() {
-            Some(s) => *s,
-            None => SideEffect::of_method(self.method()),
-        }
-    }
-
-    fn idempotency_key(&self, names: &HeaderNames) -> Result<Option<IdempotencyKey>, InvalidKey> {
-        key_of_parts(
-            self.headers(),
-            self.extensions().get::<IdempotencyKey>(),
-            names,
-        )
-    }
-
-    fn set_idempotency_key(&mut self, key: &IdempotencyKey, names: &HeaderNames) {
-        stamp_key(self.headers_mut(), key, names);
-    }
-
-    fn set_attempt(&mut self, attempt: u32, names: &HeaderNames) {
-        stamp_attempt(self.headers_mut(), attempt, names);
-    }
-
-    fn view(&self) -> RequestView<'_> {
-        RequestView::http(
-            self.method(),
-            self.uri(),
-            self.headers(),
-            Some(self.extensions()),
-        )
-    }
 }

@@ -60,11 +60,12 @@ impl Classify<reqwest::Response, reqwest::Error> for LlmHttp {
                 }
                 outcome
             }
-            Err(e) => crate::classify::classify_error(e.as_error()),
+            Err(e) => crate::classify::Errors::classify_error(e.as_error()),
         }
     }
 
-    fn attach(&self, response: &mut reqwest::Response, info: RetryInfo) {
+    fn attach(&self, response: &mut reqwest::Response, info: RetryInfo) -> Option<RetryInfo> {
         response.extensions_mut().insert(info);
+        None
     }
 }

@@ -22,7 +22,8 @@ use std::cell::Cell;
 
 use http::{Request, Response};
 use tower::{Service, ServiceBuilder, ServiceExt};
-use tower_retry_guard::{Budgets, HeaderNames, RetryLayer};
+use tower_retry_guard::request::HeaderNames;
+use tower_retry_guard::{Budgets, RetryLayer};
 
 struct Counting;
 

@@ -10,7 +10,8 @@ use http::{HeaderValue, Request};
 use proptest::prelude::*;
 use tower::{Layer, ServiceExt};
 use tower_retry_guard::budget::Limit;
-use tower_retry_guard::{Backoff, Budgets, Jitter, RetryInfo, RetryLayer, RetryPolicy, TaskId};
+use tower_retry_guard::request::TaskId;
+use tower_retry_guard::{Backoff, Budgets, Jitter, RetryInfo, RetryLayer, RetryPolicy};
 
 use common::Scripted;
 

@@ -343,11 +343,9 @@ async fn a_store_denial_refunds_the_process_ratio() {
             max: 0,
             ttl: Duration::from_secs(60),
         }))
-        .ratio(Some(RatioConfig {
-            ratio: 0.0,
-            floor: 3,
-            ..RatioConfig::default()
-        }));
+        .ratio(Some(
+            RatioConfig::builder().ratio(0.0).floor(3).build().unwrap(),
+        ));
     let calls = Arc::new(AtomicU32::new(0));
     let svc = RetryLayer::new()
         .policy(retries(1))
@@ -422,13 +420,15 @@ async fn a_denial_surfaces_as_retry_error_naming_scope_and_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_overdraw_under_races_and_exact_fractions_unlike_tower() {
     const N: u32 = 1_000;
-    let budgets = Budgets::none().ratio(Some(RatioConfig {
-        ratio: 0.4,
-        floor: 0,
-        success_credit: 0.0,
-        max_ratio: 0.4,
-        window: Duration::from_secs(60),
-    }));
+    let ratio = RatioConfig::builder()
+        .ratio(0.4)
+        .floor(0)
+        .success_credit(0.0)
+        .max_ratio(0.4)
+        .window(Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let budgets = Budgets::none().ratio(Some(ratio));
     let calls = Arc::new(AtomicU32::new(0));
     let barrier = Arc::new(tokio::sync::Barrier::new(N as usize));
     let c = calls.clone();

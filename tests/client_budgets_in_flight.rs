@@ -33,7 +33,7 @@ fn first_attempt_fails()
 
 #[tokio::test(start_paused = true)]
 async fn a_burst_of_failures_gets_at_most_the_cap_of_retries_at_once() {
-    let budgets = Budgets::none().in_flight(Some(InFlightCap { share: 0.2, min: 3 }));
+    let budgets = Budgets::none().in_flight(Some(InFlightCap::new(0.2, 3).unwrap()));
     // No jitter: the ten retries are sent at the same instant.
     let policy = RetryPolicy::builder().jitter(Jitter::None).build().unwrap();
     let svc = ServiceBuilder::new()
@@ -66,7 +66,7 @@ async fn a_burst_of_failures_gets_at_most_the_cap_of_retries_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_call_dropped_while_its_retry_is_in_flight_gives_its_slot_back() {
-    let budgets = Budgets::none().in_flight(Some(InFlightCap { share: 0.0, min: 1 }));
+    let budgets = Budgets::none().in_flight(Some(InFlightCap::new(0.0, 1).unwrap()));
     let attempts = Arc::new(AtomicU32::new(0));
     let a = attempts.clone();
     let mut svc = ServiceBuilder::new()
@@ -93,7 +93,7 @@ async fn a_call_dropped_while_its_retry_is_in_flight_gives_its_slot_back() {
 
 #[tokio::test(start_paused = true)]
 async fn a_retry_in_flight_is_counted_until_it_answers() {
-    let budgets = Budgets::none().in_flight(Some(InFlightCap { share: 0.0, min: 1 }));
+    let budgets = Budgets::none().in_flight(Some(InFlightCap::new(0.0, 1).unwrap()));
     let attempts = Arc::new(AtomicU32::new(0));
     let a = attempts.clone();
     let mut svc = ServiceBuilder::new()

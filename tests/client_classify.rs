@@ -10,8 +10,8 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use proptest::prelude::*;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
-use tower_retry_guard::classify::{Errors, classify_error};
-use tower_retry_guard::classify::{parse_retry_after, parse_retry_after_ms};
+use tower_retry_guard::classify::Errors;
+
 use tower_retry_guard::{
     Backoff, Budgets, CallOutcome, Classify, ErrorKind, Jitter, LlmHttp, Outcome, RetryInfo,
     RetryLayer, RetryPolicy, StopReason,
@@ -258,7 +258,7 @@ async fn retry_after_ms_with_decimals_is_honoured() {
         "{gap:?}"
     );
     assert_eq!(
-        parse_retry_after_ms(b"250.5"),
+        LlmHttp::parse_retry_after_ms(b"250.5"),
         Some(Duration::from_micros(250_500))
     );
 }
@@ -312,7 +312,10 @@ async fn retry_after_http_date_in_the_future_is_honoured() {
 
     let now = SystemTime::UNIX_EPOCH + secs(1_700_000_000);
     let date = httpdate::fmt_http_date(now + secs(42));
-    assert_eq!(parse_retry_after(date.as_bytes(), now), Some(secs(42)));
+    assert_eq!(
+        LlmHttp::parse_retry_after(date.as_bytes(), now),
+        Some(secs(42))
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -328,9 +331,9 @@ async fn retry_after_http_date_in_the_past_is_ignored() {
 
     let now = SystemTime::UNIX_EPOCH + secs(1_700_000_000);
     let past = httpdate::fmt_http_date(now - secs(1));
-    assert_eq!(parse_retry_after(past.as_bytes(), now), None);
+    assert_eq!(LlmHttp::parse_retry_after(past.as_bytes(), now), None);
     let same = httpdate::fmt_http_date(now);
-    assert_eq!(parse_retry_after(same.as_bytes(), now), None);
+    assert_eq!(LlmHttp::parse_retry_after(same.as_bytes(), now), None);
 }
 
 #[tokio::test(start_paused = true)]
@@ -352,11 +355,11 @@ async fn garbage_retry_after_falls_back_to_backoff() {
     ];
     for value in garbage {
         assert_eq!(
-            parse_retry_after(value, SystemTime::now()),
+            LlmHttp::parse_retry_after(value, SystemTime::now()),
             None,
             "{value:?}"
         );
-        assert_eq!(parse_retry_after_ms(value), None, "{value:?}");
+        assert_eq!(LlmHttp::parse_retry_after_ms(value), None, "{value:?}");
         for header in ["retry-after", "retry-after-ms"] {
             let v = HeaderValue::from_bytes(value).unwrap();
             let (res, attempts, gap, _) =
@@ -375,12 +378,12 @@ async fn garbage_retry_after_falls_back_to_backoff() {
 #[test]
 fn valid_retry_after_values_parse() {
     let now = SystemTime::now();
-    assert_eq!(parse_retry_after(b"0", now), Some(Duration::ZERO));
-    assert_eq!(parse_retry_after(b"120", now), Some(secs(120)));
-    assert_eq!(parse_retry_after(b" 7 ", now), Some(secs(7)));
-    assert_eq!(parse_retry_after_ms(b"20"), Some(ms(20)));
+    assert_eq!(LlmHttp::parse_retry_after(b"0", now), Some(Duration::ZERO));
+    assert_eq!(LlmHttp::parse_retry_after(b"120", now), Some(secs(120)));
+    assert_eq!(LlmHttp::parse_retry_after(b" 7 ", now), Some(secs(7)));
+    assert_eq!(LlmHttp::parse_retry_after_ms(b"20"), Some(ms(20)));
     assert_eq!(
-        parse_retry_after_ms(b"0.5"),
+        LlmHttp::parse_retry_after_ms(b"0.5"),
         Some(Duration::from_micros(500))
     );
 }
@@ -515,9 +518,9 @@ proptest! {
     #[test]
     fn retry_after_parsers_never_panic_on_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
         let now = SystemTime::now();
-        let _ = parse_retry_after(&bytes, now);
-        let _ = parse_retry_after(&bytes, SystemTime::UNIX_EPOCH);
-        if parse_retry_after_ms(&bytes).is_some() {
+        let _ = LlmHttp::parse_retry_after(&bytes, now);
+        let _ = LlmHttp::parse_retry_after(&bytes, SystemTime::UNIX_EPOCH);
+        if LlmHttp::parse_retry_after_ms(&bytes).is_some() {
             let text = std::str::from_utf8(&bytes).unwrap().trim();
             prop_assert!(text.bytes().all(|b| b.is_ascii_digit() || b == b'.'), "{:?}", text);
         }
@@ -525,15 +528,15 @@ proptest! {
 
     #[test]
     fn retry_after_parsers_never_panic_on_numbers(text in "[0-9.+\\- e]{0,40}") {
-        let _ = parse_retry_after(text.as_bytes(), SystemTime::now());
-        let _ = parse_retry_after_ms(text.as_bytes());
+        let _ = LlmHttp::parse_retry_after(text.as_bytes(), SystemTime::now());
+        let _ = LlmHttp::parse_retry_after_ms(text.as_bytes());
     }
 
     #[test]
     fn integer_retry_after_parses_exactly(n in 0u64..1_000_000_000) {
         let text = n.to_string();
-        prop_assert_eq!(parse_retry_after(text.as_bytes(), SystemTime::now()), Some(secs(n)));
-        prop_assert_eq!(parse_retry_after_ms(text.as_bytes()), Some(ms(n)));
+        prop_assert_eq!(LlmHttp::parse_retry_after(text.as_bytes(), SystemTime::now()), Some(secs(n)));
+        prop_assert_eq!(LlmHttp::parse_retry_after_ms(text.as_bytes()), Some(ms(n)));
     }
 }
 
@@ -663,7 +666,10 @@ impl StdError for Wrapper {
 #[test]
 fn error_classifier_walks_the_source_chain() {
     let reset = Wrapper(io::Error::from(io::ErrorKind::ConnectionReset));
-    assert_eq!(classify_error(&reset), Outcome::retry(ErrorKind::Connect));
+    assert_eq!(
+        Errors::classify_error(&reset),
+        Outcome::retry(ErrorKind::Connect)
+    );
     let boxed: Box<dyn StdError + Send + Sync> =
         Box::new(Wrapper(io::Error::from(io::ErrorKind::TimedOut)));
     assert_eq!(
@@ -672,7 +678,7 @@ fn error_classifier_walks_the_source_chain() {
     );
     let denied = Wrapper(io::Error::from(io::ErrorKind::PermissionDenied));
     assert_eq!(
-        classify_error(&denied),
+        Errors::classify_error(&denied),
         Outcome::Fail {
             kind: ErrorKind::Other
         }
@@ -712,16 +718,16 @@ async fn a_closure_classifier_replaces_the_preset() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn or_else_extends_the_preset_with_a_body_check() {
+async fn or_extends_the_preset_with_a_body_check() {
     let body_check = |r: &Result<Response<String>, io::Error>| match r {
         Ok(res) if !res.body().starts_with('{') => Outcome::retry(ErrorKind::OutputInvalid),
         _ => Outcome::Success,
     };
     let log = Log::default();
-    let l = layer().classify(LlmHttp.or_else(body_check)).on_retry(
+    let l = layer().classify(LlmHttp.or(body_check)).on_retry(
         |req: &mut Request<String>,
          _: &Result<Response<String>, io::Error>,
-         _: &tower_retry_guard::RetryContext| {
+         _: &tower_retry_guard::retry::RetryContext| {
             req.body_mut().push_str(" (answer in JSON)");
             true
         },
@@ -740,23 +746,52 @@ async fn or_else_extends_the_preset_with_a_body_check() {
     let res = send(&mut svc, get()).await.unwrap();
     assert_eq!(res.body(), "{}");
     assert_eq!(log.count(), 3);
-    // The preset attaches the info through `or_else`.
+    // The preset attaches the info through `or`.
     assert_eq!(info(&res).last_error, Some(ErrorKind::OutputInvalid));
     assert_eq!(info(&res).outcome, CallOutcome::Recovered);
 
     // The preset's failures stay failures.
     assert_eq!(
         LlmHttp
-            .or_else(body_check)
+            .or(body_check)
             .classify(&Ok(Response::new("{}".to_string()))),
         Outcome::Success
     );
     assert_eq!(
-        LlmHttp.or_else(body_check).classify(&Ok(status(400))),
+        LlmHttp.or(body_check).classify(&Ok(status(400))),
         Outcome::Fail {
             kind: ErrorKind::ClientError
         }
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_info_survives_a_validator_placed_before_the_preset() {
+    // A closure attaches nothing: `validator.or(LlmHttp)` hands the info to the preset
+    // (before, only the first classifier was asked, and the info was lost).
+    let validator = |r: &Result<Response<String>, io::Error>| match r {
+        Ok(res) if res.body() == "bad" => Outcome::retry(ErrorKind::OutputInvalid),
+        _ => Outcome::Success,
+    };
+    let mut svc = layer().classify(validator.or(LlmHttp)).layer(scripted(
+        Log::default(),
+        Arc::new(|n| {
+            Ok(match n {
+                0 => status(503),
+                _ => Response::new("{}".to_string()),
+            })
+        }),
+    ));
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(info(&res).attempts, 2);
+    assert_eq!(info(&res).outcome, CallOutcome::Recovered);
+    // On a first-attempt success too.
+    let mut svc = layer().classify(validator.or(LlmHttp)).layer(scripted(
+        Log::default(),
+        Arc::new(|_| Ok(Response::new("{}".to_string()))),
+    ));
+    let res = send(&mut svc, get()).await.unwrap();
+    assert_eq!(info(&res).outcome, CallOutcome::Succeeded);
 }
 
 mod replayed_and_late {

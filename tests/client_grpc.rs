@@ -22,10 +22,12 @@ use tonic::server::NamedService;
 use tonic::transport::{Channel, Server};
 use tonic::{Code, Status};
 use tower::{BoxError, Service, ServiceBuilder};
+use tower_retry_guard::body::BufferRequestBodyLayer;
+use tower_retry_guard::body::BufferedBody;
 use tower_retry_guard::classify::Grpc;
+use tower_retry_guard::request::HeaderNames;
 use tower_retry_guard::{
-    Backoff, BufferRequestBodyLayer, BufferedBody, CallOutcome, ErrorKind, HeaderNames, Jitter,
-    RetryInfo, RetryLayer, RetryPolicy, RetryStats,
+    Backoff, CallOutcome, ErrorKind, Jitter, RetryInfo, RetryLayer, RetryPolicy, RetryStats,
 };
 
 // ---- a bytes codec: the message is its bytes -------------------------------------------
@@ -222,7 +224,7 @@ async fn unavailable_with_pushback_is_retried_with_the_attempts_header() {
     })
     .await;
     let retry = retry();
-    let stats = retry.retry_stats();
+    let stats = retry.stats();
     let mut client = grpc_client(channel, retry, 64 * 1024);
 
     let response = call(&mut client, CALL, b"ping").await.unwrap();
@@ -357,7 +359,7 @@ async fn a_refused_connection_is_retried_then_reported() {
         .unwrap()
         .connect_lazy();
     let stats = RetryStats::new();
-    let mut client = grpc_client(channel, retry().stats(stats.clone()), 64 * 1024);
+    let mut client = grpc_client(channel, retry().with_stats(stats.clone()), 64 * 1024);
 
     let error = call(&mut client, CALL, b"ping").await.unwrap_err();
     assert_eq!(error.code(), Code::Unavailable, "{error:?}");

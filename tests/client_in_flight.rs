@@ -39,7 +39,7 @@ fn hang_on_retry()
 
 #[tokio::test(start_paused = true)]
 async fn hung_retries_give_their_slots_back_at_the_deadline() {
-    let budgets = Budgets::none().in_flight(Some(InFlightCap { share: 0.0, min: 3 }));
+    let budgets = Budgets::none().in_flight(Some(InFlightCap::new(0.0, 3).unwrap()));
     let svc = RetryLayer::new()
         .policy(policy(Duration::from_secs(1)))
         .budgets(budgets.clone())
@@ -104,7 +104,7 @@ impl Service<Request<String>> for Gate {
 
 #[tokio::test(start_paused = true)]
 async fn retries_waiting_for_readiness_hold_no_slot() {
-    let budgets = Budgets::none().in_flight(Some(InFlightCap { share: 0.0, min: 1 }));
+    let budgets = Budgets::none().in_flight(Some(InFlightCap::new(0.0, 1).unwrap()));
     let layer = RetryLayer::new()
         .policy(policy(Duration::from_secs(5)))
         .budgets(budgets.clone());

@@ -24,9 +24,9 @@ fn refused() -> BoxError {
 #[tokio::test(start_paused = true)]
 async fn stacked_layers_over_503_make_4_attempts_not_16() {
     let outer = layer();
-    let outer_stats = outer.retry_stats();
+    let outer_stats = outer.stats();
     let inner_layer = layer();
-    let inner_stats = inner_layer.retry_stats();
+    let inner_stats = inner_layer.stats();
     let inner = Scripted::always(503);
     let mut svc = ServiceBuilder::new()
         .layer(outer)
@@ -102,7 +102,7 @@ async fn stacked_layers_send_one_key_on_every_attempt() {
 async fn stacked_layers_over_box_errors_make_4_attempts() {
     let inner = Erroring::new(refused);
     let outer = layer();
-    let outer_stats = outer.retry_stats();
+    let outer_stats = outer.stats();
     let mut svc = ServiceBuilder::new()
         .layer(outer)
         .layer(layer())

@@ -4,14 +4,14 @@
 mod common;
 
 use tower::{Layer, Service, ServiceExt};
-use tower_retry_guard::{OVERFLOW_OPERATION, Operation, RetryLayer, RetryStats};
+use tower_retry_guard::{Operation, RetryLayer, RetryStats};
 
 use common::{Scripted, get};
 
 #[tokio::test(start_paused = true)]
 async fn ids_in_paths_collapse_in_the_default_name() {
     let layer = RetryLayer::new();
-    let stats = layer.retry_stats();
+    let stats = layer.stats();
     let mut svc = layer.layer(Scripted::always(200));
     for path in [
         "/v1/batches/42",
@@ -27,7 +27,7 @@ async fn ids_in_paths_collapse_in_the_default_name() {
 #[tokio::test(start_paused = true)]
 async fn a_route_template_in_an_operation_extension_wins() {
     let layer = RetryLayer::new();
-    let stats = layer.retry_stats();
+    let stats = layer.stats();
     let mut req = get("/users/alice/profile");
     req.extensions_mut()
         .insert(Operation::from_static("GET /users/:name/profile"));
@@ -43,7 +43,7 @@ async fn a_route_template_in_an_operation_extension_wins() {
 async fn operations_past_the_cap_are_counted_under_one_name() {
     let stats = RetryStats::with_max_operations(10);
     let mut svc = RetryLayer::new()
-        .stats(stats.clone())
+        .with_stats(stats.clone())
         .layer(Scripted::always(200));
     for i in 0..100 {
         // Not id-like: distinct names a user might really make.
@@ -57,7 +57,7 @@ async fn operations_past_the_cap_are_counted_under_one_name() {
     }
     assert_eq!(stats.tracked_operations(), 10);
     assert_eq!(stats.operations().len(), 11, "ten, and the overflow");
-    assert_eq!(stats.calls(OVERFLOW_OPERATION), 90);
+    assert_eq!(stats.calls(RetryStats::OVERFLOW_OPERATION), 90);
 }
 
 /// A million calls to distinct paths: the stats keep a bounded number of entries (memory is
@@ -65,7 +65,7 @@ async fn operations_past_the_cap_are_counted_under_one_name() {
 #[tokio::test(start_paused = true)]
 async fn a_million_distinct_paths_keep_memory_flat() {
     let layer = RetryLayer::new().info_on_success(false);
-    let stats = layer.retry_stats();
+    let stats = layer.stats();
     let mut svc = layer.layer(Scripted::always(200));
     let rss = || {
         std::fs::read_to_string("/proc/self/status")
@@ -99,10 +99,10 @@ async fn a_million_distinct_paths_keep_memory_flat() {
     }
     for (calls, entries, rss) in &entries_at {
         println!("after {calls} calls: {entries} stats entries, {rss}");
-        assert!(*entries <= tower_retry_guard::DEFAULT_MAX_OPERATIONS + 1);
+        assert!(*entries <= tower_retry_guard::RetryStats::DEFAULT_MAX_OPERATIONS + 1);
     }
     assert_eq!(
         stats.tracked_operations(),
-        tower_retry_guard::DEFAULT_MAX_OPERATIONS
+        tower_retry_guard::RetryStats::DEFAULT_MAX_OPERATIONS
     );
 }

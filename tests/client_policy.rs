@@ -10,8 +10,8 @@ use proptest::prelude::*;
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 use tower_retry_guard::{
-    Backoff, Budgets, CallOutcome, Jitter, MAX_RETRIES_LIMIT, MAX_TOTAL_TIME_LIMIT, PolicyError,
-    RetryInfo, RetryLayer, RetryPolicy, RetryPolicyBuilder, StopReason,
+    Backoff, Budgets, CallOutcome, Jitter, PolicyError, RetryInfo, RetryLayer, RetryPolicy,
+    RetryPolicyBuilder, StopReason,
 };
 
 fn ms(n: u64) -> Duration {
@@ -48,7 +48,8 @@ fn zero_total_time_is_refused() {
 #[test]
 fn total_time_above_the_24h_limit_is_refused() {
     refused(
-        RetryPolicy::builder().max_total_time(MAX_TOTAL_TIME_LIMIT + Duration::from_nanos(1)),
+        RetryPolicy::builder()
+            .max_total_time(RetryPolicy::MAX_TOTAL_TIME_LIMIT + Duration::from_nanos(1)),
         "max_total_time",
     );
     refused(
@@ -56,7 +57,7 @@ fn total_time_above_the_24h_limit_is_refused() {
         "max_total_time",
     );
     let at_limit = RetryPolicy::builder()
-        .max_total_time(MAX_TOTAL_TIME_LIMIT)
+        .max_total_time(RetryPolicy::MAX_TOTAL_TIME_LIMIT)
         .build()
         .unwrap();
     assert_eq!(at_limit.max_total_time(), secs(24 * 3600));
@@ -126,15 +127,15 @@ fn proportional_jitter_outside_zero_to_one_is_refused() {
 #[test]
 fn more_retries_than_the_limit_is_refused() {
     refused(
-        RetryPolicy::builder().max_retries(MAX_RETRIES_LIMIT + 1),
+        RetryPolicy::builder().max_retries(RetryPolicy::MAX_RETRIES_LIMIT + 1),
         "max_retries",
     );
     refused(RetryPolicy::builder().max_retries(u32::MAX), "max_retries");
     let p = RetryPolicy::builder()
-        .max_retries(MAX_RETRIES_LIMIT)
+        .max_retries(RetryPolicy::MAX_RETRIES_LIMIT)
         .build()
         .unwrap();
-    assert_eq!(p.max_retries(), MAX_RETRIES_LIMIT);
+    assert_eq!(p.max_retries(), RetryPolicy::MAX_RETRIES_LIMIT);
     let off = RetryPolicy::builder().max_retries(0).build().unwrap();
     assert_eq!(off.max_retries(), 0);
 }
@@ -207,7 +208,7 @@ impl Inputs {
 
     /// The validation rules, written out independently of the builder.
     fn should_build(&self) -> bool {
-        let total_ok = !self.total.is_zero() && self.total <= MAX_TOTAL_TIME_LIMIT;
+        let total_ok = !self.total.is_zero() && self.total <= RetryPolicy::MAX_TOTAL_TIME_LIMIT;
         let backoff_ok = match self.backoff {
             Backoff::Constant(d) => d < self.total,
             Backoff::Exponential {
@@ -226,7 +227,7 @@ impl Inputs {
             Jitter::Proportional(f) => f.is_finite() && (0.0..=1.0).contains(&f),
             _ => true,
         };
-        self.max_retries <= MAX_RETRIES_LIMIT && total_ok && backoff_ok && jitter_ok
+        self.max_retries <= RetryPolicy::MAX_RETRIES_LIMIT && total_ok && backoff_ok && jitter_ok
     }
 }
 
@@ -246,7 +247,7 @@ fn inputs() -> impl Strategy<Value = Inputs> {
     let cap = prop_oneof![
         4 => duration_ms(20_000),
         1 => Just(Duration::MAX),
-        1 => Just(MAX_TOTAL_TIME_LIMIT),
+        1 => Just(RetryPolicy::MAX_TOTAL_TIME_LIMIT),
     ];
     let backoff = prop_oneof![
         1 => duration_ms(3_000).prop_map(Backoff::Constant),
@@ -263,8 +264,8 @@ fn inputs() -> impl Strategy<Value = Inputs> {
     ];
     let total = prop_oneof![
         6 => duration_ms(30_000),
-        1 => Just(MAX_TOTAL_TIME_LIMIT),
-        1 => Just(MAX_TOTAL_TIME_LIMIT + secs(1)),
+        1 => Just(RetryPolicy::MAX_TOTAL_TIME_LIMIT),
+        1 => Just(RetryPolicy::MAX_TOTAL_TIME_LIMIT + secs(1)),
     ];
     (
         0u32..=12,

@@ -31,10 +31,7 @@ async fn a_fresh_quiet_process_keeps_its_retries_against_a_flaky_endpoint() {
 
 #[tokio::test(start_paused = true)]
 async fn a_process_denial_names_the_budget_how_full_and_how_to_change_it() {
-    let budgets = Budgets::default().ratio(Some(RatioConfig {
-        floor: 0,
-        ..RatioConfig::default()
-    }));
+    let budgets = Budgets::default().ratio(Some(RatioConfig::builder().floor(0).build().unwrap()));
     let svc = RetryLayer::new()
         .budgets(budgets)
         .layer(Scripted::always(503));

@@ -72,7 +72,7 @@ async fn reqwest_0_13_retries_a_429_a_timeout_and_a_dropped_connection() {
         .build()
         .unwrap();
     let retry = RetryLayer::new();
-    let stats: RetryStats = retry.retry_stats();
+    let stats: RetryStats = retry.stats();
     let mut client = ServiceBuilder::new().layer(retry).service(http.clone());
 
     let request = http

@@ -8,10 +8,11 @@ use std::time::Duration;
 use http::{HeaderMap, Request, Response};
 use tokio::time::Instant;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
+use tower_retry_guard::request::{CloneBody, HeaderNames, InvalidKey};
+use tower_retry_guard::retry::RetryContext;
 use tower_retry_guard::{
-    Backoff, Budgets, CallOutcome, CloneBody, ErrorKind, HeaderNames, IdempotencyKey, InvalidKey,
-    Jitter, Outcome, RetryContext, RetryInfo, RetryLayer, RetryPolicy, RetryRequest, SideEffect,
-    StopReason,
+    Backoff, Budgets, CallOutcome, ErrorKind, IdempotencyKey, Jitter, Outcome, RetryInfo,
+    RetryLayer, RetryPolicy, RetryRequest, SideEffect, StopReason,
 };
 
 fn ms(n: u64) -> Duration {

@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use http::{Request, Response};
 use tower::{BoxError, Layer, ServiceExt};
-use tower_retry_guard::classify::{parse_retry_after, parse_retry_after_ms};
+
+use tower_retry_guard::LlmHttp;
 use tower_retry_guard::{CallOutcome, RetryInfo, RetryLayer, StopReason};
 
 async fn outcome(header: &'static str, value: String) -> (u32, CallOutcome) {
@@ -65,12 +66,12 @@ async fn only_an_unparseable_hint_is_ignored() {
 #[test]
 fn oversized_numbers_parse_as_the_longest_wait() {
     assert_eq!(
-        parse_retry_after(b"99999999999999999999", SystemTime::now()),
+        LlmHttp::parse_retry_after(b"99999999999999999999", SystemTime::now()),
         Some(Duration::MAX)
     );
     assert_eq!(
-        parse_retry_after_ms(b"99999999999999999999999"),
+        LlmHttp::parse_retry_after_ms(b"99999999999999999999999"),
         Some(Duration::MAX)
     );
-    assert_eq!(parse_retry_after(b"-1", SystemTime::now()), None);
+    assert_eq!(LlmHttp::parse_retry_after(b"-1", SystemTime::now()), None);
 }

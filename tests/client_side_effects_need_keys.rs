@@ -8,10 +8,11 @@ use std::sync::{Arc, Mutex};
 use http::{HeaderMap, HeaderValue, Method, Request, Response};
 use tower::{Layer, Service, ServiceExt};
 use tower_retry_guard::classify::Errors;
+use tower_retry_guard::request::{HeaderNames, InvalidKey};
+use tower_retry_guard::retry::RetryContext;
 use tower_retry_guard::{
-    Budgets, CallOutcome, Classify, ErrorKind, HeaderNames, IdempotencyKey, InvalidKey, LlmHttp,
-    MAX_KEY_LEN, Operation, Outcome, RetryContext, RetryInfo, RetryLayer, RetryPolicy,
-    RetryRequest, SideEffect, StopReason,
+    Budgets, CallOutcome, Classify, ErrorKind, IdempotencyKey, LlmHttp, Operation, Outcome,
+    RetryInfo, RetryLayer, RetryPolicy, RetryRequest, SideEffect, StopReason,
 };
 
 #[derive(Debug, Clone)]
@@ -216,7 +217,7 @@ async fn an_existing_key_extension_is_kept() {
 
 #[tokio::test(start_paused = true)]
 async fn an_invalid_key_is_refused_before_sending() {
-    let long = "k".repeat(MAX_KEY_LEN + 1);
+    let long = "k".repeat(IdempotencyKey::MAX_LEN + 1);
     let values = [
         HeaderValue::from_str(&long).unwrap(),
         HeaderValue::from_str(&format!("\"{long}\"")).unwrap(),
@@ -246,9 +247,9 @@ async fn an_invalid_key_is_refused_before_sending() {
 
 #[test]
 fn invalid_keys_cannot_be_constructed() {
-    assert!(IdempotencyKey::new("k".repeat(MAX_KEY_LEN)).is_ok());
+    assert!(IdempotencyKey::new("k".repeat(IdempotencyKey::MAX_LEN)).is_ok());
     for bad in [
-        "k".repeat(MAX_KEY_LEN + 1),
+        "k".repeat(IdempotencyKey::MAX_LEN + 1),
         String::new(),
         "a\u{1}b".to_string(),
         "a\nb".to_string(),
@@ -503,7 +504,7 @@ fn validating() -> Script {
 async fn output_invalid_without_a_hook_is_not_retried() {
     let log = Log::default();
     let mut svc = layer()
-        .classify(LlmHttp.or_else(body_check))
+        .classify(LlmHttp.or(body_check))
         .layer(scripted(log.clone(), validating()));
     let res = send(&mut svc, req(Method::GET, "/v1/chat")).await.unwrap();
     assert_eq!(res.body(), "not json");
@@ -519,7 +520,7 @@ async fn output_invalid_without_a_hook_is_not_retried() {
 async fn output_invalid_with_a_hook_that_changes_nothing_is_not_retried() {
     let log = Log::default();
     let mut svc = layer()
-        .classify(LlmHttp.or_else(body_check))
+        .classify(LlmHttp.or(body_check))
         .on_retry(
             |_: &mut Request<String>, _: &Result<Response<String>, io::Error>, _: &RetryContext| {
                 false
@@ -538,7 +539,7 @@ async fn output_invalid_with_a_hook_that_changes_nothing_is_not_retried() {
 async fn output_invalid_with_a_hook_retries_the_changed_request() {
     let log = Log::default();
     let mut svc = layer()
-        .classify(LlmHttp.or_else(body_check))
+        .classify(LlmHttp.or(body_check))
         .on_retry(
             |r: &mut Request<String>, _: &Result<Response<String>, io::Error>, c: &RetryContext| {
                 assert_eq!(c.kind, ErrorKind::OutputInvalid);

@@ -32,7 +32,7 @@ async fn run(latency: Duration, backoff: Duration) -> (Vec<Duration>, RetryInfo)
         .build()
         .unwrap();
     let budgets = Budgets::none()
-        .per_task(Some(tower_retry_guard::budget::DEFAULT_PER_TASK))
+        .per_task(Some(tower_retry_guard::Budgets::DEFAULT_PER_TASK))
         .store(SlowStore { latency })
         .store_timeout(Duration::from_secs(5));
     let start = Instant::now();

@@ -10,9 +10,9 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tower_retry_guard::body::{BufferErrorBodyLayer, BufferRequestBodyLayer};
 use tower_retry_guard::{
-    Budgets, BufferErrorBodyLayer, BufferRequestBodyLayer, CallOutcome, ErrorKind, RetryError,
-    RetryInfo, RetryLayer, RetryPolicy, StopReason,
+    Budgets, CallOutcome, ErrorKind, RetryError, RetryInfo, RetryLayer, RetryPolicy, StopReason,
 };
 
 fn layer() -> RetryLayer {
@@ -126,7 +126,7 @@ async fn buffered_body_within_limit_is_retried_with_same_bytes() {
         .layer(BufferRequestBodyLayer::new(1024))
         .layer(layer())
         .service_fn(
-            move |req: Request<tower_retry_guard::BufferedBody<Boxed>>| {
+            move |req: Request<tower_retry_guard::body::BufferedBody<Boxed>>| {
                 let s = s.clone();
                 async move {
                     let body = req.into_body().collect().await?.to_bytes();
@@ -165,7 +165,7 @@ async fn body_over_the_limit_goes_through_once_without_retry() {
         .layer(BufferRequestBodyLayer::new(8))
         .layer(layer())
         .service_fn(
-            move |req: Request<tower_retry_guard::BufferedBody<Boxed>>| {
+            move |req: Request<tower_retry_guard::body::BufferedBody<Boxed>>| {
                 c.fetch_add(1, Ordering::SeqCst);
                 async move {
                     // The whole body arrives, prefix and rest.

@@ -5,15 +5,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use http::{Request, Response};
 use tower::{BoxError, ServiceBuilder, ServiceExt};
-use tower_retry_guard::budget::InFlightCap;
+use tower_retry_guard::budget::{InFlightCap, Scope};
 use tower_retry_guard::{Budgets, ErrorKind, RetryInfo, RetryLayer};
 
 #[tokio::test(start_paused = true)]
 async fn a_retry_refused_by_the_in_flight_cap_is_not_counted_as_sent() {
     // No retry may ever be in flight: every retry is refused just before it is sent.
-    let budgets = Budgets::none().in_flight(Some(InFlightCap { share: 0.0, min: 0 }));
+    let budgets = Budgets::none().in_flight(Some(InFlightCap::new(0.0, 0).unwrap()));
     let layer = RetryLayer::new().budgets(budgets);
-    let stats = layer.retry_stats();
+    let stats = layer.stats();
     let attempts = Arc::new(AtomicU32::new(0));
     let seen = attempts.clone();
     let svc = ServiceBuilder::new()
@@ -33,7 +33,7 @@ async fn a_retry_refused_by_the_in_flight_cap_is_not_counted_as_sent() {
     // One attempt failed, once; no retry was sent; one call denied by the in-flight cap.
     assert_eq!(k.failures, 1, "{k:?}");
     assert_eq!(k.retries, 0, "{k:?}");
-    assert_eq!(k.denied[4], 1, "{k:?}");
+    assert_eq!(k.denied(Scope::InFlight), 1, "{k:?}");
     let w = stats.last_minute("GET /x");
     assert_eq!((w.calls, w.retries, w.failed), (1, 0, 1), "{w:?}");
 }

@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use tower_retry_guard::IdempotencyKey;
 use tower_retry_guard::budget::StoreError;
+use tower_retry_guard::guard::DedupeFn;
 use tower_retry_guard::guard::DedupeFnError;
+use tower_retry_guard::server::MemoryIdempotencyStore;
 use tower_retry_guard::server::{
     Begin, Claim, ClaimToken, IdempotencyStore, Ownership, ScopedKey, Stored,
 };
-use tower_retry_guard::{DedupeFn, IdempotencyKey, MemoryIdempotencyStore};
 
 fn key(id: &str) -> IdempotencyKey {
     IdempotencyKey::from_tool_call("task-1", id)

@@ -7,10 +7,9 @@ use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use tower_retry_guard::{
-    Budgets, Call, DedupeFn, Guard, IdempotencyKey, MAX_KEY_LEN, MemoryIdempotencyStore,
-    RetryLayer, StopReason,
-};
+use tower_retry_guard::guard::DedupeFn;
+use tower_retry_guard::server::MemoryIdempotencyStore;
+use tower_retry_guard::{Budgets, Call, Guard, IdempotencyKey, RetryLayer, StopReason};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -133,7 +132,10 @@ fn tool_call_keys_are_stable_valid_and_distinct() {
     for (task, id) in &inputs {
         let key = IdempotencyKey::from_tool_call(task, id);
         let text = key.as_str();
-        assert!(!text.is_empty() && text.len() <= MAX_KEY_LEN, "{text}");
+        assert!(
+            !text.is_empty() && text.len() <= IdempotencyKey::MAX_LEN,
+            "{text}"
+        );
         assert!(
             text.bytes()
                 .all(|b| (0x21..=0x7e).contains(&b) && b != b'"' && b != b'\\'),

@@ -102,7 +102,7 @@ async fn a_panicking_closure_leaks_no_budget_slot() {
     let _default =
         tracing::subscriber::set_default(tracing_subscriber::registry().with(Capture::default()));
     // One retry in flight at most, for the whole process.
-    let budgets = Budgets::none().in_flight(Some(InFlightCap { share: 0.0, min: 1 }));
+    let budgets = Budgets::none().in_flight(Some(InFlightCap::new(0.0, 1).unwrap()));
     let guard = Guard::new(RetryLayer::new().policy(policy()).budgets(budgets.clone()));
     let panicking = guard.clone();
     let task = tokio::spawn(async move {

@@ -27,6 +27,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower::{Layer, ServiceExt, service_fn};
+
 use tower_retry_guard::budget::{
     BudgetStore, Budgets, Grant, Limit, MemoryStore, OnStoreError, Scope,
 };

@@ -194,7 +194,7 @@ fn client(
             RetryLayer::new()
                 .policy(policy)
                 .budgets(Budgets::none())
-                .stats(stats.clone()),
+                .with_stats(stats.clone()),
         )
         .layer(
             StreamGuardLayer::new()
@@ -423,7 +423,7 @@ async fn reqwest_streams_are_guarded_the_same_way() {
             RetryLayer::new()
                 .policy(policy)
                 .budgets(Budgets::none())
-                .stats(stats.clone()),
+                .with_stats(stats.clone()),
         )
         .layer(StreamGuardLayer::new().stats(stats.clone()))
         .service(reqwest::Client::new());

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::policy::PolicyError;
+
 /// Settings of the cap on retries in flight: at most `max(min, share x active calls)`
 /// retry attempts may be outstanding (sent and not yet answered) at once, across every layer
 /// that shares one [`Budgets`](crate::Budgets). Envoy's default: 20% of active requests, at
@@ -15,17 +17,42 @@ use std::sync::atomic::{AtomicU64, Ordering};
 ///
 /// The ratio budget bounds retries over time; this cap bounds them at an instant, so that a
 /// burst of failures cannot turn into a burst of retries before the window notices.
+///
+/// ```
+/// use tower_retry_guard::Budgets;
+/// use tower_retry_guard::budget::InFlightCap;
+///
+/// let budgets = Budgets::default().in_flight(Some(InFlightCap::new(0.1, 5)?));
+/// # let _ = budgets;
+/// assert!(InFlightCap::new(f64::NAN, 5).is_err());
+/// # Ok::<(), tower_retry_guard::PolicyError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct InFlightCap {
-    /// Retries in flight allowed per active call (default 0.2).
-    pub share: f64,
-    /// Retries in flight always allowed (default 3).
-    pub min: u32,
+    share: f64,
+    min: u32,
 }
 
 impl Default for InFlightCap {
+    /// 20% of active calls, at least 3 (Envoy's defaults).
     fn default() -> Self {
         InFlightCap { share: 0.2, min: 3 }
+    }
+}
+
+impl InFlightCap {
+    /// At most `max(min, share x active calls)` retries in flight; `share` is retries in
+    /// flight per active call (0 ..= 1000), `min` those always allowed. A share out of range
+    /// (negative, NaN, infinite) is an error naming it, never clamped.
+    pub fn new(share: f64, min: u32) -> Result<Self, PolicyError> {
+        if !(share.is_finite() && (0.0..=1000.0).contains(&share)) {
+            return Err(PolicyError::new(
+                "in-flight cap",
+                "share",
+                format!("is {share}: must be a number in 0 ..= 1000"),
+            ));
+        }
+        Ok(InFlightCap { share, min })
     }
 }
 
@@ -50,13 +77,8 @@ impl fmt::Debug for InFlight {
 
 impl InFlight {
     pub(crate) fn new(cap: InFlightCap) -> Self {
-        let share = if cap.share.is_finite() {
-            cap.share.clamp(0.0, 1000.0)
-        } else {
-            0.0
-        };
         InFlight {
-            cap: InFlightCap { share, ..cap },
+            cap,
             active: AtomicU64::new(0),
             retrying: AtomicU64::new(0),
         }
@@ -106,7 +128,7 @@ impl InFlight {
     pub(crate) fn describe(&self) -> String {
         format!(
             "{} of {} retries in flight used (retries in flight <= max({}, {} x {} active \
-             calls)); change it with `Budgets::in_flight(Some(InFlightCap {{ .. }}))`",
+             calls)); change it with `Budgets::in_flight(Some(InFlightCap::new(share, min)?))`",
             self.retrying(),
             self.allowed(),
             self.cap.min,

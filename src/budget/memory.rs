@@ -34,11 +34,12 @@
 //! # Eviction
 //!
 //! - Lazy: a draw on a key past its deadline starts it afresh.
-//! - Sweep: the map is split in 32 DashMaps; every 64th draw, or the first
-//!   draw 100 ms after the last sweep, removes the dead entries of the *next* partition
-//!   (and shrinks it if it is mostly empty). The work of one sweep is a 1/32 share of the
-//!   map, and the whole map is swept every 32 sweeps, so memory follows the number of keys
-//!   active within their TTL. [`MemoryStore::evict_expired`] sweeps everything at once.
+//! - Sweep: the map is split in 32 DashMaps; the dead entries of the *next* partition are
+//!   removed (and the partition shrunk if it is mostly empty) once as many draws as an
+//!   eighth of its entries (at least 64) went by since the last sweep, or on the first draw
+//!   100 ms after it. The work of a sweep is paid for by the draws before it (bounded work
+//!   per draw), and the whole map is swept every 32 sweeps, so memory follows the number of
+//!   keys active within their TTL. [`MemoryStore::evict_expired`] sweeps everything at once.
 
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
@@ -276,7 +277,6 @@ impl MemoryStore {
         // One pass of XXH3-128, seeded per store (and per scope): a task and a user with
         // the same id are different keys.
         let tag: u64 = match scope {
-            Scope::Operation => 1,
             Scope::Task => 2,
             Scope::User => 3,
             Scope::Process => 4,
@@ -397,97 +397,5 @@ impl BudgetStore for MemoryStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn draw(scope: Scope, key: &str, limit: Limit) -> Draw {
-        Draw {
-            scope,
-            key: key.to_owned(),
-            limit,
-        }
-    }
-
-    const COUNT: Limit = Limit::Count {
-        max: 2,
-        ttl: Duration::from_secs(60),
-    };
-
-    #[test]
-    fn entry_is_compact() {
-        assert_eq!(std::mem::size_of::<(Key, Entry)>(), 40);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn count_expires_after_ttl_since_last_draw() {
-        let s = MemoryStore::new();
-        let d = [draw(Scope::Task, "t", COUNT)];
-        assert_eq!(s.draw(&d).await, Ok(Grant::Granted));
-        tokio::time::advance(Duration::from_secs(30)).await;
-        assert_eq!(s.draw(&d).await, Ok(Grant::Granted));
-        let Ok(Grant::Denied { scope, retry_in }) = s.draw(&d).await else {
-            panic!("third draw granted")
-        };
-        assert_eq!(scope, Scope::Task);
-        assert_eq!(retry_in, Some(Duration::from_secs(60)));
-        // 60 s after the first draw, but only 30 s after the last: still counted.
-        tokio::time::advance(Duration::from_secs(30)).await;
-        assert!(matches!(s.draw(&d).await, Ok(Grant::Denied { .. })));
-        tokio::time::advance(Duration::from_secs(30)).await;
-        assert_eq!(s.draw(&d).await, Ok(Grant::Granted));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn all_or_nothing() {
-        let s = MemoryStore::new();
-        let task = draw(Scope::Task, "t", COUNT);
-        let user = draw(
-            Scope::User,
-            "u",
-            Limit::Count {
-                max: 1,
-                ttl: Duration::from_secs(60),
-            },
-        );
-        assert_eq!(
-            s.draw(&[task.clone(), user.clone()]).await,
-            Ok(Grant::Granted)
-        );
-        // The user refuses: the task's draw is given back.
-        assert!(matches!(
-            s.draw(&[task.clone(), user.clone()]).await,
-            Ok(Grant::Denied {
-                scope: Scope::User,
-                ..
-            })
-        ));
-        assert_eq!(
-            s.draw(std::slice::from_ref(&task)).await,
-            Ok(Grant::Granted)
-        );
-        assert!(matches!(
-            s.draw(&[task]).await,
-            Ok(Grant::Denied {
-                scope: Scope::Task,
-                ..
-            })
-        ));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn refused_new_key_is_not_stored() {
-        let s = MemoryStore::new();
-        let zero = Limit::Count {
-            max: 0,
-            ttl: Duration::from_secs(1),
-        };
-        assert_eq!(
-            s.draw(&[draw(Scope::Task, "t", zero)]).await,
-            Ok(Grant::Denied {
-                scope: Scope::Task,
-                retry_in: None
-            })
-        );
-        assert!(s.is_empty());
-    }
-}
+#[path = "memory_tests.rs"]
+mod tests;

@@ -8,7 +8,7 @@
 //! | [`Scope::Task`] | 5 retry events per task id, forgotten 1 h after the task's last retry | the [`BudgetStore`] |
 //! | [`Scope::User`] | 60 retries a minute per user id, bursts of 10 | the [`BudgetStore`] |
 //! | [`Scope::InFlight`] | retries being sent at once <= max(3, 20% of active calls) ([`InFlightCap`]) | this process |
-//! | [`Scope::Process`] | retries <= 10% of calls over 10 s while retries fail, up to 150% while they succeed ([`RetryRatio`], [`RatioConfig`]) | this process |
+//! | [`Scope::Process`] | retries <= 10% of calls over 10 s while retries fail, up to 150% while they succeed ([`RatioConfig`]) | this process |
 //!
 //! A request without a task id (or user id) is not charged to that scope. A request that
 //! carries one is always charged, whatever its shape (long, UTF-8, empty, control
@@ -28,6 +28,7 @@ mod in_flight;
 mod memory;
 mod permit;
 mod ratio;
+mod ratio_config;
 mod ring;
 
 pub(crate) use self::ids::budget_key;
@@ -35,7 +36,8 @@ use self::in_flight::InFlight;
 pub use self::in_flight::InFlightCap;
 pub use self::memory::MemoryStore;
 pub(crate) use self::permit::{ActiveCall, RatioPermit, RetrySlot};
-pub use self::ratio::{DEFAULT_FLOOR, RatioConfig, RetryRatio};
+pub(crate) use self::ratio::RetryRatio;
+pub use self::ratio_config::{RatioConfig, RatioConfigBuilder};
 pub use crate::store::StoreError;
 
 // The rule of the process ratio is documented on `RetryRatio`'s module (`ratio.rs`) and
@@ -51,8 +53,6 @@ use std::time::Duration;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Scope {
-    /// One logical call: the policy's attempts and total time.
-    Operation,
     /// Every call that carries the same task id.
     Task,
     /// Every call made for the same user id.
@@ -64,10 +64,22 @@ pub enum Scope {
 }
 
 impl Scope {
-    /// A short, stable name: `operation`, `task`, `user`, `process`, `in_flight`.
+    /// How many scopes there are.
+    pub(crate) const COUNT: usize = 4;
+
+    /// The scope's place in per-scope counters.
+    pub(crate) const fn index(self) -> usize {
+        match self {
+            Scope::Task => 0,
+            Scope::User => 1,
+            Scope::Process => 2,
+            Scope::InFlight => 3,
+        }
+    }
+
+    /// A short, stable name: `task`, `user`, `process`, `in_flight`.
     pub const fn as_str(self) -> &'static str {
         match self {
-            Scope::Operation => "operation",
             Scope::Task => "task",
             Scope::User => "user",
             Scope::Process => "process",
@@ -177,6 +189,23 @@ pub enum OnStoreError {
 
 /// The retry budgets a layer draws from. Clone it to share budgets between layers: clones
 /// share the process ratio and the store.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_retry_guard::budget::{Limit, MemoryStore, OnStoreError};
+/// use tower_retry_guard::{Budgets, RetryLayer};
+///
+/// // At most 2 retries per task (the `x-task-id` header or a `TaskId` extension), 30 a
+/// // minute per user, the default process ratio; one store shared by both layers.
+/// let budgets = Budgets::default()
+///     .per_task(Some(Limit::Count { max: 2, ttl: Duration::from_secs(600) }))
+///     .per_user(Some(Limit::Rate { tokens: 30, per: Duration::from_secs(60), burst: 5 }))
+///     .store(MemoryStore::new())
+///     .on_store_error(OnStoreError::FailClosed);
+/// let chat = RetryLayer::new().budgets(budgets.clone());
+/// let tools = RetryLayer::new().budgets(budgets);
+/// # let _ = (chat, tools);
+/// ```
 #[derive(Clone)]
 pub struct Budgets {
     per_task: Option<Limit>,
@@ -200,26 +229,13 @@ impl fmt::Debug for Budgets {
     }
 }
 
-/// The default per-task limit: 5 retry events per task, kept 1 h after the last.
-pub const DEFAULT_PER_TASK: Limit = Limit::Count {
-    max: 5,
-    ttl: Duration::from_secs(3600),
-};
-
-/// The default per-user limit: 60 retries a minute, bursts of 10.
-pub const DEFAULT_PER_USER: Limit = Limit::Rate {
-    tokens: 60,
-    per: Duration::from_secs(60),
-    burst: 10,
-};
-
 impl Default for Budgets {
     /// Per task 5, per user 60/min (burst 10), the adaptive process ratio, in a new
     /// [`MemoryStore`]; fail closed; 250 ms store timeout.
     fn default() -> Self {
         Budgets {
-            per_task: Some(DEFAULT_PER_TASK),
-            per_user: Some(DEFAULT_PER_USER),
+            per_task: Some(Budgets::DEFAULT_PER_TASK),
+            per_user: Some(Budgets::DEFAULT_PER_USER),
             ratio: Some(Arc::new(RetryRatio::new(RatioConfig::default()))),
             in_flight: Some(Arc::new(InFlight::new(InFlightCap::default()))),
             store: Arc::new(MemoryStore::new()),
@@ -230,6 +246,19 @@ impl Default for Budgets {
 }
 
 impl Budgets {
+    /// The default per-task limit: 5 retry events per task, kept 1 h after the last.
+    pub const DEFAULT_PER_TASK: Limit = Limit::Count {
+        max: 5,
+        ttl: Duration::from_secs(3600),
+    };
+
+    /// The default per-user limit: 60 retries a minute, bursts of 10.
+    pub const DEFAULT_PER_USER: Limit = Limit::Rate {
+        tokens: 60,
+        per: Duration::from_secs(60),
+        burst: 10,
+    };
+
     /// No budgets but the policy's own bounds.
     pub fn none() -> Self {
         Budgets {
@@ -292,11 +321,6 @@ impl Budgets {
     /// Logical calls active now (started, not yet dropped), if the in-flight cap is on.
     pub fn active_calls(&self) -> Option<u64> {
         self.in_flight.as_ref().map(|f| f.active())
-    }
-
-    /// The process ratio, if on.
-    pub fn retry_ratio(&self) -> Option<&RetryRatio> {
-        self.ratio.as_deref()
     }
 
     /// A logical call started: a deposit into the process ratio (one atomic). The clock

@@ -1,123 +1,23 @@
 //! The process-wide retry ratio: retries as a fraction of calls over a sliding window, more
 //! while retries are succeeding.
 //!
-//! The rule is documented on [`RetryRatio`].
+//! The rule is documented on [`RatioConfig`].
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::ratio_config::RatioConfig;
 use super::ring::{BUCKETS, MAX_CAS_TURNS, Ring, SCALE, count_of, epoch_of, live, pack};
 
-/// Settings of the process-wide [`RetryRatio`] (whose docs give the rule).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RatioConfig {
-    /// Retries allowed per logical call while retries are failing (default 0.1: at most
-    /// 1.1 attempts per call in an outage). Kept to six decimals, exactly.
-    pub ratio: f64,
-    /// The sliding window over which calls and retries are counted (default 10 s; moves
-    /// in steps of a tenth of it).
-    pub window: Duration,
-    /// Attempts (calls and retries) per window that are never throttled (default 100: 10 a
-    /// second over the 10 s window, Finagle's and tower's `TpsBudget` minimum). What is left
-    /// of it after the window's calls, less `1 / ratio` (10) for each retry not paid for by
-    /// successes (`R - success_credit x S`: failed or still in flight), is allowed as
-    /// retries. A quiet process keeps its retries while they work at all; at 10 calls a
-    /// second and more the calls use the floor up, and only the ratio speaks.
-    pub floor: u32,
-    /// Retries earned by each retry that succeeded (default 3.0): a retry that works pays
-    /// for itself and two more, so the ratio opens up while retries work (at least a third
-    /// of them succeeding) and closes down to `ratio` when they fail.
-    pub success_credit: f64,
-    /// The most retries per logical call, however well retries are doing (default 1.5:
-    /// at most 2.5x the load). Never below `ratio`.
-    pub max_ratio: f64,
-}
-
-impl Default for RatioConfig {
-    fn default() -> Self {
-        RatioConfig {
-            ratio: 0.1,
-            window: Duration::from_secs(10),
-            floor: DEFAULT_FLOOR,
-            success_credit: 3.0,
-            max_ratio: 1.5,
-        }
-    }
-}
-
-/// The default floor: 10 retries a second over the default 10 s window.
-pub const DEFAULT_FLOOR: u32 = 100;
-
-/// A ratio in millionths; NaN, negative and absurd values are clamped (0 ..= 1000).
+/// A ratio in millionths (the config is validated: finite, 0 ..= 1000).
 fn micros(x: f64) -> u128 {
-    if x.is_finite() && x > 0.0 {
-        (x.min(1000.0) * SCALE as f64).round() as u128
-    } else {
-        0
-    }
+    (x * SCALE as f64).round() as u128
 }
 
-/// Retries as a fraction of calls, process-wide, over a sliding window, opening up while
-/// retries succeed.
-///
-/// Shared by every layer that shares one [`Budgets`](super::Budgets).
-///
-/// # The rule
-///
-/// Over the last `window` (default 10 s, kept as a ring of 10 buckets), with
-///
-/// - `C` = logical calls started,
-/// - `R` = retries granted (in flight, failed or succeeded),
-/// - `S` = retries that succeeded,
-/// - `F` = retries that failed,
-///
-/// one more retry is granted when
-///
-/// ```text
-/// R + 1 <= max( floor - C - (R - success_credit * S) / ratio,
-///               min( ratio * C + success_credit * S,  max_ratio * C ) )
-/// ```
-///
-/// With the defaults (`ratio` 0.1, `success_credit` 3, `max_ratio` 1.5, `floor` 100):
-///
-/// - **A quiet process.** The floor (100 attempts per window, 10 a second) lets a process
-///   that makes a few calls a second retry as its policy says while its retries work at
-///   all: at 1 call a second against a provider failing 50% at random, 93.4% of calls
-///   succeed (3 retries give at most 93.75%; `examples/storm.rs`). Retries that keep
-///   failing use it up (10 each), so a quiet process in an outage makes ~0.8 retries per
-///   call, about one retry a second.
-/// - **Retries fail (outage).** `S = 0`, so `R <= 0.1 * C`: at most 1.1 attempts per call
-///   at 10 calls a second and more, the SRE book's figure: the calls themselves use the
-///   floor up (`floor - C <= 0` from 100 calls a window).
-/// - **Retries work.** A retry that succeeds pays for itself and for two more: the
-///   allowance grows by 3 for each, so when at least a third of the retries succeed the
-///   allowance outgrows what is spent and only `max_ratio` (1.5 retries per call, i.e. at
-///   most 2.5x the load) bounds it. At 50% random failure a call needs 0.875 retries on
-///   average, and nearly all are granted (about 93% of calls succeed, as without a budget);
-///   at 10% random failure, 0.11.
-/// - **In between**, the allowance follows the success of the retries themselves.
-///
-/// A "retry" is counted when it is granted, and its result when the retried attempt ends
-/// (`record_retry_result`); a store denial after the ratio granted gives the retry back
-/// (`refund`).
-///
-/// # Unlike tower's `TpsBudget`
-///
-/// - **No overdraw.** The decision is a compare-and-swap of the window's retry count
-///   against the allowance: two racing withdrawals cannot both take the last retry (tower
-///   reads the balance, then subtracts, so racing withdrawals can all succeed).
-/// - **Exact fractions.** Ratios are kept in millionths and compared in integers: a ratio
-///   of 0.4 allows 40 retries per 100 calls, not the 50 that `1 / 0.4` truncated to 2
-///   gives (tower issue 857).
-/// - **Adaptive.** The allowance follows the success of the retries (above).
-/// - **Cheap deposits.** A call's deposit is one `fetch_add` on the current bucket (plus,
-///   once per bucket period, a compare-and-swap that starts the bucket afresh); no lock.
-///
-/// Envoy's cap on retries *in flight* is [`InFlightCap`](super::InFlightCap), beside it.
-pub struct RetryRatio {
+/// The process-wide retry ratio; its rule is documented on [`RatioConfig`].
+pub(crate) struct RetryRatio {
     config: RatioConfig,
     ratio: u128,
     credit: u128,
@@ -144,29 +44,21 @@ impl fmt::Debug for RetryRatio {
 }
 
 impl RetryRatio {
-    /// A ratio with these settings (out-of-range values are clamped: ratios to 0 ..= 1000,
-    /// the window to at least 10 ms).
-    pub fn new(config: RatioConfig) -> Self {
-        let window = config.window.max(Duration::from_millis(10));
-        let ratio = micros(config.ratio);
+    /// A ratio with these (validated) settings.
+    pub(crate) fn new(config: RatioConfig) -> Self {
         RetryRatio {
             config,
-            ratio,
+            ratio: micros(config.ratio),
             credit: micros(config.success_credit),
-            max_ratio: micros(config.max_ratio).max(ratio),
+            max_ratio: micros(config.max_ratio),
             start: Instant::now(),
-            bucket_nanos: (window.as_nanos() / BUCKETS as u128).max(1),
+            bucket_nanos: (config.window.as_nanos() / BUCKETS as u128).max(1),
             calls: Ring::new(),
             succeeded: Ring::new(),
             failed: Ring::new(),
             retries: Ring::new(),
             in_window: AtomicU64::new(0),
         }
-    }
-
-    /// The settings.
-    pub fn config(&self) -> &RatioConfig {
-        &self.config
     }
 
     fn epoch(&self) -> u32 {
@@ -338,13 +230,13 @@ impl RetryRatio {
         );
         let taken = self.in_window.load(Ordering::Acquire);
         let x = |m: u128| m as f64 / SCALE as f64;
-        let window = self.config.window.max(Duration::from_millis(10));
+        let window = self.config.window;
         format!(
             "{taken} of {:.1} retries used in the last {window:?}, for {calls} calls ({failed} \
              failed); allowed = max(floor {} - {calls} calls - {} unpaid retries x {}, min({} x {calls} \
              calls + {} x \
              {succeeded} succeeded retries, {} x {calls} calls)); shared by one `Budgets` and \
-             its clones; change it with `Budgets::ratio(Some(RatioConfig {{ .. }}))` or turn \
+             its clones; change it with `Budgets::ratio(Some(RatioConfig::builder()..build()?))` or turn \
              it off with `Budgets::ratio(None)`",
             x(self.allowance(epoch)),
             self.config.floor,

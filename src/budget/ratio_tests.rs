@@ -1,5 +1,6 @@
 //! Unit tests of the parent module.
 use super::*;
+use std::time::Duration;
 
 fn config(ratio: f64, floor: u32) -> RatioConfig {
     RatioConfig {

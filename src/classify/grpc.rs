@@ -37,7 +37,7 @@ use crate::request::{RequestView, SideEffect};
 /// time. A server that sends `grpc-retry-pushback-ms` says it is the first; without it,
 /// retrying would multiply the load on a quota that will not come back. A pushback whose
 /// `grpc-message` says the account is out of money (`insufficient_quota`, ...: see
-/// [`is_quota_error`](super::is_quota_error)) fails all the same.
+/// [`is_quota_error`](super::LlmHttp::is_quota_error)) fails all the same.
 ///
 /// Why `DEADLINE_EXCEEDED` is off: the call's deadline covers all its attempts (A6), so once
 /// the client's deadline passed another attempt cannot finish in time. Turn it on when the
@@ -58,11 +58,11 @@ use crate::request::{RequestView, SideEffect};
 /// failure, whatever the status.
 ///
 /// Transport errors (`Err`: connection refused or reset, timeouts) go through
-/// [`classify_error`](super::classify_error). A failure an inner retry layer already returned
+/// [`classify_error`](super::Errors::classify_error). A failure an inner retry layer already returned
 /// is not retried again ([`ErrorKind::GaveUp`]), nor is one the server replayed from its
 /// idempotency store (`idempotent-replayed: true`).
 ///
-/// Use it with [`HeaderNames::grpc`](crate::HeaderNames::grpc), so that retries carry
+/// Use it with [`HeaderNames::grpc`](crate::request::HeaderNames::grpc), so that retries carry
 /// `grpc-previous-rpc-attempts`, and with a [`RetryPolicy`](crate::RetryPolicy) of at most 4
 /// retries (A6 allows 5 attempts); see the [`classify`](super) module docs for the whole
 /// tonic stack and which calls are retried (gRPC calls are POSTs: side-effecting).
@@ -167,7 +167,7 @@ impl Grpc {
                 pushback != Pushback::Absent
                     && !headers
                         .get("grpc-message")
-                        .is_some_and(|m| super::is_quota_error(m.as_bytes()))
+                        .is_some_and(|m| super::LlmHttp::is_quota_error(m.as_bytes()))
             }
             _ => false,
         };
@@ -289,12 +289,13 @@ impl<B, E: AsError> Classify<Response<B>, E> for Grpc {
         }
     }
 
-    fn attach(&self, response: &mut Response<B>, info: RetryInfo) {
+    fn attach(&self, response: &mut Response<B>, info: RetryInfo) -> Option<RetryInfo> {
         // An inner retry layer's account is the truer one (see `LlmHttp`).
         if info.attempts <= 1 && response.extensions().get::<RetryInfo>().is_some() {
-            return;
+            return None;
         }
         response.extensions_mut().insert(info);
+        None
     }
 }
 

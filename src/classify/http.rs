@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, Response, StatusCode};
 
 use super::{AsError, Classify, ErrorKind, Outcome};
-use crate::RetryInfo;
+use crate::observe::RetryInfo;
 
 /// The classifier preset for LLM provider APIs over HTTP (OpenAI, Anthropic and compatible).
 ///
@@ -14,7 +14,7 @@ use crate::RetryInfo;
 /// | 1xx, 2xx, 3xx | success |
 /// | 408 | retry, [`ErrorKind::Timeout`] |
 /// | 409 | retry, [`ErrorKind::Conflict`] |
-/// | 429 | retry, [`ErrorKind::RateLimited`]; but fail with [`ErrorKind::QuotaExhausted`] when the error body (buffered by [`BufferErrorBodyLayer`](crate::BufferErrorBodyLayer)) says the account is out of quota (`insufficient_quota`, ...) |
+/// | 429 | retry, [`ErrorKind::RateLimited`]; but fail with [`ErrorKind::QuotaExhausted`] when the error body (buffered by [`BufferErrorBodyLayer`](crate::body::BufferErrorBodyLayer)) says the account is out of quota (`insufficient_quota`, ...) |
 /// | 503, 529 | retry, [`ErrorKind::Overloaded`] |
 /// | 504 | retry, [`ErrorKind::Timeout`] |
 /// | other 5xx | retry, [`ErrorKind::ServerError`] |
@@ -72,6 +72,32 @@ impl LlmHttp {
             Outcome::Fail { kind }
         }
     }
+
+    /// Whether an error body says the account is out of quota.
+    pub fn is_quota_error(body: &[u8]) -> bool {
+        // Bounded: error bodies are buffered up to a limit; look at the first 64 KiB at most.
+        let body = &body[..body.len().min(64 * 1024)];
+        QUOTA_MARKERS
+            .iter()
+            .any(|m| body.windows(m.len()).any(|w| w.eq_ignore_ascii_case(m)))
+    }
+    /// Parses a `retry-after-ms` value: a non-negative number of milliseconds (a decimal
+    /// fraction is accepted, as the SDKs do). `None` for anything else; never panics.
+    pub fn parse_retry_after_ms(value: &[u8]) -> Option<Duration> {
+        parse_non_negative(value, 1e-3)
+    }
+    /// Parses a `Retry-After` value (RFC 9110 §10.2.3): delta-seconds, or an HTTP-date taken
+    /// relative to `now`. `None` for a negative, malformed or past value; never panics.
+    pub fn parse_retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
+        if let Some(d) = parse_non_negative(value, 1.0) {
+            return Some(d);
+        }
+        let text = std::str::from_utf8(value).ok()?.trim();
+        let date = httpdate::parse_http_date(text).ok()?;
+        // A date in the past is not a hint.
+        let wait = date.duration_since(now).ok()?;
+        (!wait.is_zero()).then_some(wait)
+    }
 }
 
 /// Error codes that mean "out of money", not "too fast": waiting will not help
@@ -83,15 +109,6 @@ const QUOTA_MARKERS: [&[u8]; 5] = [
     b"spend_limit",
     b"credit balance is too low",
 ];
-
-/// Whether an error body says the account is out of quota.
-pub fn is_quota_error(body: &[u8]) -> bool {
-    // Bounded: error bodies are buffered up to a limit; look at the first 64 KiB at most.
-    let body = &body[..body.len().min(64 * 1024)];
-    QUOTA_MARKERS
-        .iter()
-        .any(|m| body.windows(m.len()).any(|w| w.eq_ignore_ascii_case(m)))
-}
 
 fn is_retryable(status: StatusCode) -> bool {
     matches!(status.as_u16(), 408 | 409 | 429) || status.is_server_error()
@@ -113,32 +130,13 @@ fn kind_of(status: StatusCode) -> ErrorKind {
 pub(crate) fn retry_hint(headers: &HeaderMap) -> Option<Duration> {
     if let Some(ms) = headers
         .get("retry-after-ms")
-        .and_then(|v| parse_retry_after_ms(v.as_bytes()))
+        .and_then(|v| LlmHttp::parse_retry_after_ms(v.as_bytes()))
     {
         return Some(ms);
     }
     headers
         .get(http::header::RETRY_AFTER)
-        .and_then(|v| parse_retry_after(v.as_bytes(), SystemTime::now()))
-}
-
-/// Parses a `retry-after-ms` value: a non-negative number of milliseconds (a decimal
-/// fraction is accepted, as the SDKs do). `None` for anything else; never panics.
-pub fn parse_retry_after_ms(value: &[u8]) -> Option<Duration> {
-    parse_non_negative(value, 1e-3)
-}
-
-/// Parses a `Retry-After` value (RFC 9110 §10.2.3): delta-seconds, or an HTTP-date taken
-/// relative to `now`. `None` for a negative, malformed or past value; never panics.
-pub fn parse_retry_after(value: &[u8], now: SystemTime) -> Option<Duration> {
-    if let Some(d) = parse_non_negative(value, 1.0) {
-        return Some(d);
-    }
-    let text = std::str::from_utf8(value).ok()?.trim();
-    let date = httpdate::parse_http_date(text).ok()?;
-    // A date in the past is not a hint.
-    let wait = date.duration_since(now).ok()?;
-    (!wait.is_zero()).then_some(wait)
+        .and_then(|v| LlmHttp::parse_retry_after(v.as_bytes(), SystemTime::now()))
 }
 
 /// A non-negative decimal number times `unit` seconds. Rejects signs, exponents, NaN and
@@ -174,7 +172,7 @@ impl<B, E: AsError> Classify<Response<B>, E> for LlmHttp {
                 let mut outcome = LlmHttp::classify_parts(res.status(), res.headers());
                 if res.status() == StatusCode::TOO_MANY_REQUESTS {
                     if let Some(body) = res.extensions().get::<crate::body::ErrorBody>() {
-                        if is_quota_error(&body.0) {
+                        if LlmHttp::is_quota_error(&body.0) {
                             outcome = Outcome::Fail {
                                 kind: ErrorKind::QuotaExhausted,
                             };
@@ -193,16 +191,17 @@ impl<B, E: AsError> Classify<Response<B>, E> for LlmHttp {
             Err(e) if e.gave_up() => Outcome::Fail {
                 kind: ErrorKind::GaveUp,
             },
-            Err(e) => super::classify_error(e.as_error()),
+            Err(e) => super::Errors::classify_error(e.as_error()),
         }
     }
 
-    fn attach(&self, response: &mut Response<B>, info: RetryInfo) {
+    fn attach(&self, response: &mut Response<B>, info: RetryInfo) -> Option<RetryInfo> {
         // An inner retry layer's account of the one attempt this layer made says what
         // really happened (its attempts, delay, key, outcome): keep it.
         if info.attempts <= 1 && response.extensions().get::<RetryInfo>().is_some() {
-            return;
+            return None;
         }
         response.extensions_mut().insert(info);
+        None
     }
 }

@@ -134,10 +134,10 @@ struct Config {
 }
 
 /// Runs each keyed call of a function once: a duplicate gets the kept result, a
-/// concurrent duplicate waits for it — the [`DedupeLayer`](crate::DedupeLayer) guarantee
+/// concurrent duplicate waits for it — the [`DedupeLayer`](crate::server::DedupeLayer) guarantee
 /// for an agent's tool executor that is a plain async function.
 ///
-/// The protocol is the provider side's ([`IdempotencyLayer`](crate::IdempotencyLayer)):
+/// The protocol is the provider side's ([`IdempotencyLayer`](crate::server::IdempotencyLayer)):
 /// the key is claimed with a fresh [`ClaimToken`]; the claim is renewed every third of its
 /// lease while the function runs; a success is recorded ([`StoredValue`]) and kept for the
 /// TTL; a failure or a panic releases the key (a panic is then resumed), so a retry runs

@@ -5,7 +5,6 @@ use std::fmt;
 use std::fmt::Display;
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use tokio::time::Instant;
 use tower::Service;
@@ -16,10 +15,11 @@ use super::rules::ErrorRules;
 use crate::budget::Budgets;
 use crate::classify::{Classify, Outcome};
 use crate::error::RetryError;
-use crate::layer::{RetryLayer, Shared};
 use crate::observe::RetryStats;
 use crate::policy::RetryPolicy;
-use crate::service::Retry;
+use crate::retry::Retry;
+use crate::retry::RetryLayer;
+use crate::retry::config::Config;
 
 /// Guards async functions and agent tools with a [`RetryLayer`]'s discipline: the same
 /// policy, budgets, keys, stats and tracing, run by the same engine as the layer's
@@ -51,7 +51,7 @@ use crate::service::Retry;
 /// # }
 /// ```
 pub struct Guard<C = ErrorRules> {
-    shared: Arc<Shared<C, GuardChange>>,
+    shared: Arc<Config<C, GuardChange>>,
 }
 
 impl<C> Clone for Guard<C> {
@@ -75,19 +75,13 @@ impl Guard {
     /// requests and are not used: a guard classifies with [`ErrorRules`] (or
     /// [`Guard::classify`]) and changes inputs with [`Call::on_output_failure`].
     pub fn new<C0, H0>(layer: RetryLayer<C0, H0>) -> Self {
-        Guard::build(RetryLayer {
-            policy: layer.policy,
-            classify: ErrorRules::new(),
-            change: GuardChange,
-            budgets: layer.budgets,
-            names: layer.names,
-            mint_keys: layer.mint_keys,
-            side_effect_fn: None,
-            operation_fn: None,
-            key_fn: None,
-            info_on_success: layer.info_on_success,
-            stats: layer.stats,
-        })
+        let mut config = layer
+            .into_config()
+            .map(|_, _| (ErrorRules::new(), GuardChange));
+        config.side_effect_fn = None;
+        config.operation_fn = None;
+        config.key_fn = None;
+        Guard::build(config)
     }
 
     /// Retries errors that are, or are caused by, an `X` (see [`ErrorRules::retry_on`]).
@@ -123,18 +117,15 @@ impl Guard {
     }
 
     fn with_rules(self, add: impl FnOnce(ErrorRules) -> ErrorRules) -> Self {
-        let rules = add(self.shared.layer.classify.clone());
+        let rules = add(self.shared.classify.clone());
         self.classify(rules)
     }
 }
 
 impl<C> Guard<C> {
-    fn build(layer: RetryLayer<C, GuardChange>) -> Self {
+    fn build(config: Config<C, GuardChange>) -> Self {
         Guard {
-            shared: Arc::new(Shared {
-                layer,
-                warned_unclonable: AtomicBool::new(false),
-            }),
+            shared: Arc::new(config),
         }
     }
 
@@ -142,35 +133,36 @@ impl<C> Guard<C> {
     /// closure `Fn(&Result<T, E>) -> Outcome` (to reject an `Ok` output that does not
     /// validate, or for an error type that is not [`AsError`](crate::classify::AsError)).
     pub fn classify<C2>(self, classify: C2) -> Guard<C2> {
-        let layer = &self.shared.layer;
-        Guard::build(RetryLayer {
-            policy: layer.policy.clone(),
+        let c = &self.shared;
+        Guard::build(Config {
+            policy: c.policy.clone(),
             classify,
             change: GuardChange,
-            budgets: layer.budgets.clone(),
-            names: layer.names.clone(),
-            mint_keys: layer.mint_keys,
+            budgets: c.budgets.clone(),
+            names: c.names.clone(),
+            mint_keys: c.mint_keys,
             side_effect_fn: None,
             operation_fn: None,
             key_fn: None,
-            info_on_success: layer.info_on_success,
-            stats: layer.stats.clone(),
+            info_on_success: c.info_on_success,
+            stats: c.stats.clone(),
+            warned_unclonable: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
     /// The stats every guarded call is recorded in (shared with the layer it came from).
     pub fn stats(&self) -> RetryStats {
-        self.shared.layer.stats.clone()
+        self.shared.stats.clone()
     }
 
     /// The budgets retries are drawn from.
     pub fn budgets(&self) -> &Budgets {
-        &self.shared.layer.budgets
+        &self.shared.budgets
     }
 
     /// The policy.
     pub fn policy(&self) -> &RetryPolicy {
-        &self.shared.layer.policy
+        &self.shared.policy
     }
 
     /// Runs `f` for `call`, retried as the layer retries a request: `f` is called once per
@@ -192,7 +184,7 @@ impl<C> Guard<C> {
         C: Classify<T, E>,
         E: Display,
     {
-        let deadline = Instant::now() + self.shared.layer.policy.max_total_time();
+        let deadline = Instant::now() + self.shared.policy.max_total_time();
         let f = &f;
         let service = FnService(move |request: CallRequest| f(request.attempt()));
         let mut retry = Retry::new(service, self.shared.clone());
@@ -205,7 +197,7 @@ impl<C> Guard<C> {
 impl<C> fmt::Debug for Guard<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Guard")
-            .field("layer", &self.shared.layer)
+            .field("config", &self.shared)
             .finish()
     }
 }

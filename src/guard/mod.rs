@@ -19,12 +19,14 @@
 //! - [`Attempt`]: what the closure gets: the attempt's number, the key to pass on, the
 //!   deadline, the previous failure.
 //! - [`DedupeFn`]: the tool's side — one execution per key, duplicates get the kept
-//!   result, on any [`IdempotencyStore`](crate::IdempotencyStore) (memory or Redis).
+//!   result, on any [`IdempotencyStore`](crate::server::IdempotencyStore) (memory or Redis).
 //!
 //! ```
 //! use std::sync::atomic::{AtomicU32, Ordering};
 //! use std::time::Duration;
-//! use tower_retry_guard::{Call, DedupeFn, Guard, MemoryIdempotencyStore, RetryLayer};
+//! use tower_retry_guard::guard::DedupeFn;
+//! use tower_retry_guard::server::MemoryIdempotencyStore;
+//! use tower_retry_guard::{Call, Guard, RetryLayer};
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
 //! # async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {

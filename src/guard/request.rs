@@ -9,10 +9,10 @@ use tokio::time::Instant;
 
 use super::call::{Attempt, Call, Failure};
 use crate::classify::ErrorKind;
-use crate::layer::{ChangeRequest, RetryContext};
 use crate::request::{
     HeaderNames, IdempotencyKey, InvalidKey, Operation, RetryRequest, SideEffect,
 };
+use crate::retry::{ChangeRequest, RetryContext};
 
 /// What every attempt of one call shares.
 struct Meta {

@@ -13,7 +13,7 @@ type Rule = Arc<dyn Fn(&(dyn StdError + 'static)) -> Option<Outcome> + Send + Sy
 /// The longest source chain walked (a cyclic chain must not hang a classification).
 const MAX_DEPTH: usize = 32;
 
-/// Classifies errors by rules, in the order added, then by the built-in [`classify_error`]
+/// Classifies errors by rules, in the order added, then by the built-in [`Errors::classify_error`](crate::classify::Errors::classify_error)
 /// (timeouts and connection failures retried, anything else not).
 ///
 /// The default classifier of [`Guard`](crate::Guard); usable in a [`RetryLayer`](crate::RetryLayer)
@@ -87,7 +87,7 @@ impl ErrorRules {
     }
 
     /// Classifies one error: an inner layer's final error fails, then the rules in order,
-    /// then [`classify_error`].
+    /// then [`Errors::classify_error`](crate::classify::Errors::classify_error).
     pub fn classify_error(&self, error: &(dyn StdError + 'static)) -> Outcome {
         if chain(error).any(is_gave_up) {
             return Outcome::Fail {

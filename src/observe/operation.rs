@@ -13,10 +13,10 @@ use std::borrow::Cow;
 use crate::request::Operation;
 
 /// The most operations tracked by default.
-pub const DEFAULT_MAX_OPERATIONS: usize = 1000;
+pub(crate) const DEFAULT_MAX_OPERATIONS: usize = 1000;
 
 /// The name the calls of operations past the cap are counted under.
-pub const OVERFLOW_OPERATION: &str = "(other operations)";
+pub(crate) const OVERFLOW_OPERATION: &str = "(other operations)";
 
 /// What an id-like path segment becomes.
 const ID: &str = "{id}";
@@ -85,20 +85,79 @@ impl OpKey {
         OpKey(Self::feed(Self::SEED, name.as_bytes()))
     }
 
-    /// The key of the default name, `default_operation(method, path)`, without building it.
+    /// The key of the default name, `default_operation(method, path)`, without building it:
+    /// one pass over the path, each segment looked at once to tell an id, then hashed.
     pub(crate) fn of_method_path(method: &http::Method, path: &str) -> Self {
         // Must equal `of_name(&default_operation(method, path))`, which names the entry.
         let mut h = Self::feed(Self::SEED, method.as_str().as_bytes());
         h = Self::feed(h, b" ");
-        for (i, segment) in path.split('/').enumerate() {
-            if i > 0 {
+        let mut first = true;
+        for segment in path.as_bytes().split(|b| *b == b'/') {
+            if !first {
                 h = Self::feed(h, b"/");
             }
-            let text = if is_id_segment(segment) { ID } else { segment };
-            h = Self::feed(h, text.as_bytes());
+            first = false;
+            let text = if is_id_bytes(segment) {
+                ID.as_bytes()
+            } else {
+                segment
+            };
+            h = Self::feed(h, text);
         }
         OpKey(h)
     }
+}
+
+/// [`is_id_segment`] on bytes, in one pass over the segment (the success path names every
+/// call this way).
+#[inline]
+fn is_id_bytes(b: &[u8]) -> bool {
+    // Classes: 1 digit, 2 hex digit, 4 `[A-Za-z0-9_-]`.
+    const fn class(c: u8) -> u8 {
+        match c {
+            b'0'..=b'9' => 7,
+            b'a'..=b'f' | b'A'..=b'F' => 6,
+            b'g'..=b'z' | b'G'..=b'Z' | b'_' | b'-' => 4,
+            _ => 0,
+        }
+    }
+    const CLASS: [u8; 256] = {
+        let mut t = [0u8; 256];
+        let mut i = 0;
+        while i < 256 {
+            t[i] = class(i as u8);
+            i += 1;
+        }
+        t
+    };
+    if b.is_empty() {
+        return false;
+    }
+    let (mut all, mut any) = (7u8, 0u8);
+    for c in b {
+        let k = CLASS[*c as usize];
+        all &= k;
+        any |= k & 1;
+    }
+    if all & 1 != 0 {
+        return true; // digits only
+    }
+    if b.len() == 36 {
+        return is_id_segment_uuid(b);
+    }
+    (b.len() >= 16 && all & 2 != 0) || (b.len() >= 20 && any != 0 && all & 4 != 0)
+}
+
+fn is_id_segment_uuid(b: &[u8]) -> bool {
+    let uuid = b.iter().enumerate().all(|(i, c)| match i {
+        8 | 13 | 18 | 23 => *c == b'-',
+        _ => c.is_ascii_hexdigit(),
+    });
+    // Not a UUID: the other rules still apply to 36 characters.
+    uuid || b.iter().all(u8::is_ascii_hexdigit)
+        || (b.iter().any(u8::is_ascii_digit)
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || *c == b'_' || *c == b'-'))
 }
 
 #[cfg(test)]
@@ -171,6 +230,11 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn one_pass_id_test_agrees(segment in "[0-9a-fA-F_gzGZ\\-]{0,40}|\\PC{0,40}") {
+            prop_assert_eq!(is_id_bytes(segment.as_bytes()), is_id_segment(&segment));
+        }
+
         #[test]
         fn op_key_streaming_equivalence(method in "[A-Z]{1,12}", path in "/\\PC{0,60}") {
             let m = http::Method::from_bytes(method.as_bytes()).unwrap();

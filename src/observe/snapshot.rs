@@ -1,5 +1,7 @@
 //! Read-only summaries of the stats: [`Window`], [`KindSnapshot`].
 
+use crate::budget::Scope;
+
 /// A windowed summary of one operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -26,9 +28,11 @@ pub struct KindSnapshot {
     pub recovered: u64,
     /// Calls that ran out of attempts or time.
     pub exhausted: u64,
-    /// Calls denied by a budget: operation, task, user, process, in flight, store
-    /// unavailable.
-    pub denied: [u64; 6],
+    /// Calls denied by a budget, per scope: see [`KindSnapshot::denied`].
+    pub(crate) denied: [u64; Scope::COUNT],
+    /// Calls not retried because the budget store could not be reached (budgets fail
+    /// closed).
+    pub store_unavailable: u64,
     /// Calls not retried for another reason.
     pub not_retried: u64,
     /// Streams that failed after their first content event had been delivered (never
@@ -37,8 +41,13 @@ pub struct KindSnapshot {
 }
 
 impl KindSnapshot {
+    /// Calls denied a retry by the budget of `scope`.
+    pub fn denied(&self, scope: Scope) -> u64 {
+        self.denied[scope.index()]
+    }
+
     /// Calls denied by any budget (or an unavailable store).
     pub fn denied_total(&self) -> u64 {
-        self.denied.iter().sum()
+        self.denied.iter().sum::<u64>() + self.store_unavailable
     }
 }

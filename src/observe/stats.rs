@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use super::outcome::StopReason;
 use crate::classify::ErrorKind;
-use crate::error::StopReason;
 
 use std::hash::Hasher;
 use std::sync::Arc;
@@ -15,11 +15,10 @@ use tokio::time::Instant;
 
 use crate::budget::Scope;
 
-pub use super::health::Health;
-use super::health::health_of;
+use super::health::{Health, health_of};
 use super::operation::OpKey;
-pub use super::operation::{DEFAULT_MAX_OPERATIONS, OVERFLOW_OPERATION};
-pub use super::snapshot::{KindSnapshot, Window};
+use super::operation::{DEFAULT_MAX_OPERATIONS, OVERFLOW_OPERATION};
+use super::snapshot::{KindSnapshot, Window};
 
 const KINDS: usize = ErrorKind::ALL.len();
 const BUCKET_SECS: u64 = 10;
@@ -36,9 +35,10 @@ struct KindCounters {
     recovered: AtomicU64,
     /// Calls that ran out of attempts or time (exhausted, deadline, hint too long).
     exhausted: AtomicU64,
-    /// Calls denied a retry by a budget, per scope (operation, task, user, process, in
-    /// flight) and store unavailable (index 5).
-    denied: [AtomicU64; 6],
+    /// Calls denied a retry by a budget, per [`Scope`] (`Scope::index`).
+    denied: [AtomicU64; Scope::COUNT],
+    /// Calls not retried because the budget store could not be reached.
+    store_unavailable: AtomicU64,
     /// Calls not retried for another reason (not retryable, side effect without key,
     /// output unchanged, not cloneable, inner gave up).
     not_retried: AtomicU64,
@@ -58,6 +58,8 @@ struct Bucket {
 #[derive(Debug)]
 struct OpStats {
     name: String,
+    /// The entry of the operations past the cap.
+    overflow: bool,
     calls: AtomicU64,
     kinds: [KindCounters; KINDS],
     window: [Bucket; BUCKETS],
@@ -66,6 +68,7 @@ struct OpStats {
 impl OpStats {
     fn new(name: String) -> Self {
         OpStats {
+            overflow: name == OVERFLOW_OPERATION,
             name,
             calls: AtomicU64::new(0),
             kinds: Default::default(),
@@ -78,9 +81,9 @@ impl OpStats {
 /// retries, recoveries, exhaustions, budget denials and refusals, with windowed rates over
 /// the last minute and ten minutes and a [`Health`] verdict.
 ///
-/// At most [`DEFAULT_MAX_OPERATIONS`] operations are tracked (or the number given to
+/// At most [`RetryStats::DEFAULT_MAX_OPERATIONS`] operations are tracked (or the number given to
 /// [`RetryStats::with_max_operations`]); the calls of any further operation are counted
-/// under one name, [`OVERFLOW_OPERATION`], and a warning says so once. Each tracked
+/// under one name, [`RetryStats::OVERFLOW_OPERATION`], and a warning says so once. Each tracked
 /// operation takes about 3.6 KB, so the stats stay under 4 MB by default, whatever the
 /// number of distinct paths (metric labels are bounded the same way). The default operation
 /// name already collapses ids in paths (`GET /v1/batches/{id}`).
@@ -132,16 +135,6 @@ impl Default for RetryStats {
     }
 }
 
-fn scope_index(scope: Scope) -> usize {
-    match scope {
-        Scope::Operation => 0,
-        Scope::Task => 1,
-        Scope::User => 2,
-        Scope::Process => 3,
-        Scope::InFlight => 4,
-    }
-}
-
 /// One operation's counters, held by a call from its start to its end, so that the end
 /// records without a second map lookup.
 #[derive(Debug, Clone)]
@@ -152,16 +145,27 @@ impl OpHandle {
     pub(crate) fn name(&self) -> &str {
         &self.0.name
     }
+
+    /// Whether this is the entry of the operations past the cap (whose name is not theirs).
+    pub(crate) fn is_overflow(&self) -> bool {
+        self.0.overflow
+    }
 }
 
 impl RetryStats {
-    /// Empty stats, tracking at most [`DEFAULT_MAX_OPERATIONS`] operations.
+    /// The most operations tracked by default.
+    pub const DEFAULT_MAX_OPERATIONS: usize = DEFAULT_MAX_OPERATIONS;
+
+    /// The name the calls of operations past the cap are counted under.
+    pub const OVERFLOW_OPERATION: &'static str = OVERFLOW_OPERATION;
+
+    /// Empty stats, tracking at most [`RetryStats::DEFAULT_MAX_OPERATIONS`] operations.
     pub fn new() -> Self {
         RetryStats::with_max_operations(DEFAULT_MAX_OPERATIONS)
     }
 
     /// Empty stats tracking at most `max` operations; the rest are counted under
-    /// [`OVERFLOW_OPERATION`].
+    /// [`RetryStats::OVERFLOW_OPERATION`].
     pub fn with_max_operations(max: usize) -> Self {
         let overflow = Arc::new(OpStats::new(OVERFLOW_OPERATION.to_owned()));
         let ops = OpMap::default();
@@ -313,11 +317,11 @@ impl RetryStats {
                     true
                 }
                 StopReason::Budget { scope, .. } => {
-                    k.denied[scope_index(*scope)].fetch_add(1, Relaxed);
+                    k.denied[scope.index()].fetch_add(1, Relaxed);
                     true
                 }
                 StopReason::StoreUnavailable { .. } => {
-                    k.denied[5].fetch_add(1, Relaxed);
+                    k.store_unavailable.fetch_add(1, Relaxed);
                     true
                 }
                 _ => {
@@ -358,7 +362,7 @@ impl RetryStats {
         });
     }
 
-    /// The operations seen, by name ([`OVERFLOW_OPERATION`] once it counted a call).
+    /// The operations seen, by name ([`RetryStats::OVERFLOW_OPERATION`] once it counted a call).
     pub fn operations(&self) -> Vec<String> {
         let overflow = &self.inner.overflow;
         let mut names: Vec<String> = self
@@ -396,6 +400,7 @@ impl RetryStats {
             recovered: k.recovered.load(Relaxed),
             exhausted: k.exhausted.load(Relaxed),
             denied: std::array::from_fn(|i| k.denied[i].load(Relaxed)),
+            store_unavailable: k.store_unavailable.load(Relaxed),
             not_retried: k.not_retried.load(Relaxed),
             mid_stream_failures: k.mid_stream.load(Relaxed),
         }
@@ -410,9 +415,10 @@ impl RetryStats {
             t.retries += k.retries;
             t.recovered += k.recovered;
             t.exhausted += k.exhausted;
-            for i in 0..6 {
-                t.denied[i] += k.denied[i];
+            for (total, n) in t.denied.iter_mut().zip(k.denied) {
+                *total += n;
             }
+            t.store_unavailable += k.store_unavailable;
             t.not_retried += k.not_retried;
             t.mid_stream_failures += k.mid_stream_failures;
         }
@@ -453,7 +459,7 @@ impl RetryStats {
         self.window(operation, Duration::from_secs(600))
     }
 
-    /// The reviewer's verdict on an operation, from its last minute:
+    /// The verdict on an operation, from its last minute:
     ///
     /// - [`Health::Failing`] when at least 5% of calls ended on an upstream failure (retries
     ///   exhausted, deadline, denied by a budget) and failures outnumber recoveries;

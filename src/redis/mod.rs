@@ -123,7 +123,7 @@ use crate::server::ScopedKey;
 use crate::store::StoreError;
 
 /// Budgets and idempotency keys in Redis, shared by every process that uses the same Redis
-/// and prefix. Implements [`BudgetStore`](crate::BudgetStore) and [`IdempotencyStore`](crate::server::IdempotencyStore).
+/// and prefix. Implements [`BudgetStore`](crate::budget::BudgetStore) and [`IdempotencyStore`](crate::server::IdempotencyStore).
 ///
 /// Each call is one atomic Lua script (one round trip), timed by Redis's clock, bounded by a
 /// timeout; see the `redis` module source (`src/redis/`) for the keys, values and scripts.

@@ -23,7 +23,7 @@ pub enum StreamFailure {
 }
 
 impl StreamFailure {
-    /// The cause as an [`ErrorKind`]: a transport error as [`classify_error`] sees it (a
+    /// The cause as an [`ErrorKind`]: a transport error as [`Errors::classify_error`](crate::classify::Errors::classify_error) sees it (a
     /// drop it does not recognise is [`ErrorKind::Connect`]), an in-band error by its type,
     /// a first-token timeout as [`ErrorKind::Timeout`].
     pub fn kind(&self) -> ErrorKind {
@@ -105,7 +105,7 @@ impl StdError for InBandError {}
 /// so the retry layer may retry it (the error's [`Outcome`] says whether).
 ///
 /// It reaches the retry layer's classifier inside the inner service's error;
-/// [`classify_error`] recognises it, so [`LlmHttp`](crate::LlmHttp) and
+/// [`Errors::classify_error`](crate::classify::Errors::classify_error) recognises it, so [`LlmHttp`](crate::LlmHttp) and
 /// [`Errors`](crate::classify::Errors) retry it without configuration.
 #[derive(Debug)]
 pub struct FirstTokenError {

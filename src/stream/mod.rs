@@ -19,7 +19,7 @@
 //!   arrive, and nothing is retried (that would duplicate output). A failure reaches the
 //!   caller as a [`MidStreamError`] in the body (how many events and bytes were delivered,
 //!   and the cause) and is counted in [`RetryStats`] as a mid-stream failure of the
-//!   operation ([`KindSnapshot::mid_stream_failures`](crate::KindSnapshot)).
+//!   operation ([`KindSnapshot::mid_stream_failures`](crate::observe::KindSnapshot)).
 //!
 //! Only successful (2xx) responses are guarded: a `text/event-stream` response is read as
 //! server-sent events; with [`StreamGuardLayer::chunked_streams`], any other response
@@ -35,7 +35,7 @@
 //! let retry = RetryLayer::new();
 //! let guard = StreamGuardLayer::new()
 //!     .first_token_timeout(Duration::from_secs(20))
-//!     .stats(retry.retry_stats()); // mid-stream failures next to the retries
+//!     .stats(retry.stats()); // mid-stream failures next to the retries
 //! let client = ServiceBuilder::new()
 //!     .layer(retry) // outside: decides and retries
 //!     .layer(guard) // inside: finds the commit point of each attempt
@@ -160,7 +160,7 @@ impl StreamGuardLayer {
     }
 
     /// Where mid-stream failures are counted: pass the retry layer's
-    /// ([`RetryLayer::retry_stats`](crate::RetryLayer::retry_stats)) so they appear next to
+    /// ([`RetryLayer::stats`](crate::RetryLayer::stats)) so they appear next to
     /// its retries, per operation.
     pub fn stats(self, stats: RetryStats) -> Self {
         self.with(|c| c.stats = Some(stats))

@@ -62,7 +62,7 @@ where
 
 /// The HTTP preset for a reqwest client behind a [`StreamGuard`] (whose errors are boxed):
 /// statuses as for `reqwest::Response`, errors (a [`FirstTokenError`](super::FirstTokenError)
-/// included) by [`classify_error`](crate::classify::classify_error).
+/// included) by [`Errors::classify_error`](crate::classify::Errors::classify_error).
 impl Classify<reqwest::Response, BoxError> for LlmHttp {
     fn classify(&self, result: &Result<reqwest::Response, BoxError>) -> Outcome {
         match result {
@@ -81,7 +81,8 @@ impl Classify<reqwest::Response, BoxError> for LlmHttp {
         }
     }
 
-    fn attach(&self, response: &mut reqwest::Response, info: RetryInfo) {
+    fn attach(&self, response: &mut reqwest::Response, info: RetryInfo) -> Option<RetryInfo> {
         response.extensions_mut().insert(info);
+        None
     }
 }

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use super::error::InBandError;
-use crate::classify::{ErrorKind, is_quota_error};
+use crate::classify::{ErrorKind, LlmHttp};
 
 /// The head of a line kept across frames (a field name and the start of its value).
 const LINE_CAP: usize = 4 * 1024;
@@ -220,7 +220,7 @@ pub(crate) fn map_error(data: &[u8]) -> InBandError {
         }
     }
     let has = |set: &[&[u8]]| values.iter().any(|v| set.iter().any(|s| v == s));
-    let (kind, retryable) = if has(&QUOTA) || is_quota_error(data) {
+    let (kind, retryable) = if has(&QUOTA) || LlmHttp::is_quota_error(data) {
         (ErrorKind::QuotaExhausted, false)
     } else if has(&CLIENT) {
         (ErrorKind::ClientError, false)

@@ -6,28 +6,31 @@ use std::task::{Context, Poll};
 
 use tower::Service;
 
-use crate::call::Prepared;
+use super::call::Call;
+use super::change::ChangeRequest;
+use super::config::Config;
+use super::decide;
+use super::future::ResponseFuture;
+use super::report::{refused, span};
 use crate::classify::Classify;
-use crate::error::{RetryError, StopReason};
-use crate::future::ResponseFuture;
-use crate::layer::{ChangeRequest, Shared};
+use crate::error::RetryError;
 use crate::observe::RetryInfo;
 use crate::request::RetryRequest;
 
 /// Retries calls to `S`; built by [`RetryLayer`](crate::RetryLayer).
 ///
 /// `S` must be `Clone` (as for tower's retry): the ready service takes the first attempt, a
-/// clone the retries.
+/// clone the retries, each polled ready first.
 pub struct Retry<S, C, H> {
     inner: S,
-    shared: Arc<Shared<C, H>>,
+    config: Arc<Config<C, H>>,
 }
 
 impl<S: Clone, C, H> Clone for Retry<S, C, H> {
     fn clone(&self) -> Self {
         Retry {
             inner: self.inner.clone(),
-            shared: self.shared.clone(),
+            config: self.config.clone(),
         }
     }
 }
@@ -36,14 +39,14 @@ impl<S: fmt::Debug, C, H> fmt::Debug for Retry<S, C, H> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Retry")
             .field("inner", &self.inner)
-            .field("layer", &self.shared.layer)
+            .field("layer", &self.config)
             .finish()
     }
 }
 
 impl<S, C, H> Retry<S, C, H> {
-    pub(crate) fn new(inner: S, shared: Arc<Shared<C, H>>) -> Self {
-        Retry { inner, shared }
+    pub(crate) fn new(inner: S, config: Arc<Config<C, H>>) -> Self {
+        Retry { inner, config }
     }
 
     /// The inner service.
@@ -75,19 +78,24 @@ where
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(|e| {
-            let reason = StopReason::NotReady;
+            let reason = decide::not_ready();
             RetryError::new(reason.clone(), RetryInfo::refused(reason), Some(e))
         })
     }
 
-    fn call(&mut self, request: Req) -> Self::Future {
+    fn call(&mut self, mut request: Req) -> Self::Future {
         // The ready service takes the first attempt; a clone, polled ready again, the retries.
-        match Prepared::new(&self.shared, request) {
-            Ok((request, call)) => {
-                let future = self.inner.call(request);
-                ResponseFuture::calling(future, self.inner.clone(), self.shared.clone(), call)
+        match Call::start(&self.config, &mut request) {
+            Ok(call) => {
+                let span = span(&call, &request);
+                let attempt = self.inner.call(request);
+                let (service, config) = (self.inner.clone(), self.config.clone());
+                ResponseFuture::calling(attempt, call, span, service, config)
             }
-            Err(error) => ResponseFuture::refused(self.inner.clone(), self.shared.clone(), error),
+            Err(call) => {
+                let refusal = refused(&self.config, &call.op, call.invalid);
+                ResponseFuture::refused(refusal, self.inner.clone(), self.config.clone())
+            }
         }
     }
 }

@@ -1,0 +1,258 @@
+//! A call between attempts: what the future does once an attempt answered, while it waits
+//! (the budget store, the backoff, the service getting ready), and when the wait ends (the
+//! retry is sent, or the call stops with its last failure).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tokio::time::{Instant, Sleep};
+use tower::Service;
+
+use super::call::Call;
+use super::change::{ChangeRequest, RetryContext};
+use super::config::Config;
+use super::decide::{self, Decision};
+use super::report::{log_retry, stop, succeed};
+use crate::budget::{Acquire, RatioPermit, RetrySlot, Verdict};
+use crate::classify::{Classify, ErrorKind, Outcome};
+use crate::error::RetryError;
+use crate::observe::StopReason;
+use crate::request::RetryRequest;
+
+type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// A failed attempt whose retry is granted or being decided: the call, the failure it
+/// returns if the retry does not happen, and the process ratio's share once granted.
+pub(crate) struct Wait<Req, Res, E> {
+    pub(crate) call: Call<Req>,
+    failed: Result<Res, E>,
+    kind: ErrorKind,
+    permit: Option<RatioPermit>,
+    step: Step,
+}
+
+/// Where a waiting call is.
+enum Step {
+    /// The budget store decides; the wait began when the retry was decided.
+    Acquiring(BoxFuture<Verdict>, Instant),
+    Sleeping(Pin<Box<Sleep>>),
+    /// Slept: the service must be ready, then the retry takes its slot and is sent.
+    Ready,
+}
+
+/// How a wait ends.
+pub(crate) enum End<E> {
+    /// The call stops with its last failure.
+    Stop(StopReason),
+    /// The service broke before the retry: the call stops with that error.
+    NotReady(E),
+    /// The retry is sent, holding this slot.
+    Send(Option<RetrySlot>),
+}
+
+/// What an answered attempt leads to.
+pub(crate) enum Answered<Req, Res, E> {
+    Done(Result<Res, RetryError<E>>),
+    Wait(Box<Wait<Req, Res, E>>),
+}
+
+/// The attempt failed (`outcome`): stop, or decide a retry (the hook, then the budgets).
+pub(crate) fn answered<Req, Res, E, C, H>(
+    config: &Config<C, H>,
+    mut call: Call<Req>,
+    result: Result<Res, E>,
+    outcome: Outcome,
+) -> Answered<Req, Res, E>
+where
+    Req: RetryRequest,
+    C: Classify<Res, E>,
+    H: ChangeRequest<Req, Res, E>,
+{
+    if call.in_retry() {
+        config.budgets.on_retry_result(false);
+    }
+    // The attempt answered: its retry slot (if it was a retry) is free.
+    call.failed(&config.policy).slot = None;
+    let now = Instant::now();
+    let (kind, delay, backoff) = match decide::decide(config, &call, outcome, now) {
+        Decision::Succeed => return Answered::Done(succeed(config, &mut call, result, true)),
+        Decision::Stop(kind, reason) => {
+            return Answered::Done(stop(config, call, Some(result), kind, reason));
+        }
+        Decision::Retry {
+            kind,
+            delay,
+            backoff,
+        } => (kind, delay, backoff),
+    };
+    call.last_kind = Some(kind);
+    let retried = call.failed(&config.policy);
+    retried.backoff = backoff;
+    retried.delay = delay;
+    let retry = call.attempts;
+    let (mut changed, mut task, mut user) = (false, None, None);
+    if let Some(next) = call.next.as_mut() {
+        // Stamped now, so that the hook sees what will be sent.
+        if let Some(key) = &call.key {
+            next.set_idempotency_key(key, &config.names);
+        }
+        next.set_attempt(retry, &config.names);
+        let context = RetryContext { retry, kind };
+        changed = config.change.change(next, &result, &context);
+        task = next.task_id(&config.names);
+        user = next.user_id(&config.names);
+    }
+    if let Some(reason) = decide::unchanged(kind, changed) {
+        return Answered::Done(stop(config, call, Some(result), kind, reason));
+    }
+    let (step, permit) = match config.budgets.acquire(task, user) {
+        Acquire::Pending(verdict) => (Step::Acquiring(verdict, now), None),
+        Acquire::Ready(verdict) => match decide::granted(verdict) {
+            Ok(permit) => (start_wait(config, &mut call, delay), Some(permit)),
+            Err(reason) => return Answered::Done(stop(config, call, Some(result), kind, reason)),
+        },
+    };
+    Answered::Wait(Box::new(Wait {
+        call,
+        failed: result,
+        kind,
+        permit,
+        step,
+    }))
+}
+
+impl<Req, Res, E> Wait<Req, Res, E> {
+    /// Waits for the store, the backoff and the service, in that order.
+    pub(crate) fn poll_end<S, C, H>(
+        &mut self,
+        config: &Config<C, H>,
+        service: &mut S,
+        cx: &mut Context<'_>,
+    ) -> Poll<End<E>>
+    where
+        S: Service<Req, Response = Res, Error = E>,
+    {
+        loop {
+            match &mut self.step {
+                Step::Acquiring(verdict, decided) => {
+                    let verdict = ready!(verdict.as_mut().poll(cx));
+                    let now = Instant::now();
+                    // The store's answer time is part of the wait, not added to it.
+                    let delay = self.call.delay().saturating_sub(now - *decided);
+                    let policy = &config.policy;
+                    // A refusal drops the permit: the ratio gets its share back.
+                    match decide::granted(verdict).and_then(|permit| {
+                        decide::in_time(policy, &self.call, delay, now).map(|()| permit)
+                    }) {
+                        Ok(permit) => {
+                            self.permit = Some(permit);
+                            self.step = start_wait(config, &mut self.call, delay);
+                        }
+                        Err(reason) => return Poll::Ready(End::Stop(reason)),
+                    }
+                }
+                Step::Sleeping(sleep) => {
+                    ready!(sleep.as_mut().poll(cx));
+                    self.step = Step::Ready;
+                }
+                Step::Ready => {
+                    // Readiness first: a retry waiting for the service holds no slot.
+                    return Poll::Ready(match ready!(service.poll_ready(cx)) {
+                        Err(e) => End::NotReady(e),
+                        Ok(()) => match decide::slot(&config.budgets) {
+                            Ok(slot) => End::Send(slot),
+                            Err(reason) => End::Stop(reason),
+                        },
+                    });
+                }
+            }
+        }
+    }
+
+    /// The call stops with its last failure (the deadline met it while it waited).
+    pub(crate) fn give_up<C>(
+        self,
+        config: &Config<C, impl Sized>,
+        reason: StopReason,
+    ) -> Result<Res, RetryError<E>>
+    where
+        C: Classify<Res, E>,
+    {
+        stop(config, self.call, Some(self.failed), self.kind, reason)
+    }
+
+    /// The wait ended: the retry is sent (its attempt and the call), or the call stops.
+    pub(crate) fn end<S, C, H>(
+        self,
+        config: &Config<C, H>,
+        service: &mut S,
+        end: End<E>,
+    ) -> Resumed<S::Future, Req, Res, E>
+    where
+        S: Service<Req, Response = Res, Error = E>,
+        Req: RetryRequest,
+        C: Classify<Res, E>,
+    {
+        let Wait {
+            mut call,
+            failed,
+            kind,
+            permit,
+            ..
+        } = self;
+        let slot = match end {
+            End::Send(slot) => slot,
+            End::Stop(reason) => {
+                return Resumed::Done(stop(config, call, Some(failed), kind, reason));
+            }
+            // Counted and logged like any other stop, with the readiness error.
+            End::NotReady(e) => {
+                let reason = decide::not_ready();
+                return Resumed::Done(stop(config, call, Some(Err(e)), kind, reason));
+            }
+        };
+        let request = match decide::copy(&mut call) {
+            Ok(request) => request,
+            Err(reason) => return Resumed::Done(stop(config, call, Some(failed), kind, reason)),
+        };
+        // Sent: the ratio's share is spent, and the failed answer will not be returned.
+        if let Some(permit) = permit {
+            permit.commit();
+        }
+        drop(failed);
+        let delay = call.delay();
+        call.failed(&config.policy).slot = slot;
+        // Keep a copy for the attempt after this one, if one is allowed.
+        if call.attempts < config.policy.max_retries() {
+            call.next = request.try_clone();
+        }
+        // Counted now, not when decided: a retry refused on the way was never sent.
+        config.stats.record_retry(&call.op.handle, kind, delay);
+        call.attempts += 1;
+        Resumed::Calling(service.call(request), call)
+    }
+}
+
+/// A waiting call, once its wait ended.
+pub(crate) enum Resumed<F, Req, Res, E> {
+    /// The retry is in flight.
+    Calling(F, Call<Req>),
+    /// The call ended.
+    Done(Result<Res, RetryError<E>>),
+}
+
+/// The retry is granted: say so, then sleep (or go straight on for a zero delay: tokio's
+/// timer rounds every sleep up to its 1 ms tick).
+fn start_wait<Req, C, H>(config: &Config<C, H>, call: &mut Call<Req>, delay: Duration) -> Step {
+    let retried = call.failed(&config.policy);
+    retried.total_delay += delay;
+    retried.delay = delay;
+    log_retry(config, call, delay);
+    if delay.is_zero() {
+        Step::Ready
+    } else {
+        Step::Sleeping(Box::pin(tokio::time::sleep(delay)))
+    }
+}
