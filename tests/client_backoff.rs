@@ -9,11 +9,10 @@ use tokio::time::Instant;
 use tower::{Layer, Service, ServiceExt};
 use tower_retry_guard::{Backoff, Budgets, Jitter, RetryLayer, RetryPolicy};
 
-const MS: Duration = Duration::from_millis(1);
+mod common;
+use common::ms;
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
+const MS: Duration = Duration::from_millis(1);
 
 /// The instants at which the inner service was called.
 #[derive(Clone, Default)]

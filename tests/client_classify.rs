@@ -17,15 +17,10 @@ use tower_retry_guard::{
     RetryLayer, RetryPolicy, StopReason,
 };
 
+mod common;
+use common::{ms, secs};
+
 const MS: Duration = Duration::from_millis(1);
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
 
 type Script = Arc<dyn Fn(usize) -> Result<Response<String>, io::Error> + Send + Sync>;
 

@@ -14,13 +14,8 @@ use tower_retry_guard::{
     RetryPolicyBuilder, StopReason,
 };
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
+mod common;
+use common::{ms, secs};
 
 fn exp(initial: Duration, multiplier: f64, cap: Duration) -> Backoff {
     Backoff::exponential(initial, multiplier, cap)

@@ -15,13 +15,8 @@ use tower_retry_guard::{
     RetryLayer, RetryPolicy, RetryRequest, SideEffect, StopReason,
 };
 
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
-}
-
-fn secs(n: u64) -> Duration {
-    Duration::from_secs(n)
-}
+mod common;
+use common::{ms, secs};
 
 #[derive(Debug, Clone)]
 struct Seen {

@@ -17,6 +17,9 @@ use tower_retry_guard::{
     RetryLayer, RetryPolicy, SideEffect, StopReason,
 };
 
+mod common;
+use common::ms;
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Face {
     Layer,
@@ -146,10 +149,6 @@ fn no_budgets(jitter: Jitter) -> RetryLayer {
     RetryLayer::new()
         .policy(policy(jitter))
         .budgets(Budgets::none())
-}
-
-fn ms(n: u64) -> Duration {
-    Duration::from_millis(n)
 }
 
 #[tokio::test(start_paused = true)]

@@ -1,5 +1,7 @@
 //! Unit tests of the parent module.
 use super::*;
+use crate::observe::health::{Health, health_of};
+use crate::observe::snapshot::Window;
 
 #[test]
 fn stats_find_an_entry_keyed_by_method_and_path_by_its_name() {

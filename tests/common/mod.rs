@@ -132,3 +132,13 @@ pub fn get(path: &str) -> Request<String> {
 pub fn post(path: &str) -> Request<String> {
     Request::post(path).body("{}".to_string()).unwrap()
 }
+
+/// `n` milliseconds.
+pub fn ms(n: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(n)
+}
+
+/// `n` seconds.
+pub fn secs(n: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(n)
+}
