@@ -53,7 +53,7 @@ def check(features):
 
 def main():
     failures = []
-    for features in ["", "metrics", "reqwest", "redis", "hyper-util", "all"]:
+    for features in ["", "metrics", "reqwest", "redis", "redis-cluster", "hyper-util", "all"]:
         failures += check(features)
     if failures:
         print("rust-version is below what these dependencies need:", file=sys.stderr)
