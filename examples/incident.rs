@@ -32,7 +32,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
-use tower_retry_guard::budget::RatioConfig;
 use tower_retry_guard::guard::DedupeFn;
 use tower_retry_guard::server::MemoryIdempotencyStore;
 use tower_retry_guard::{Budgets, Call, Guard, RetryLayer, RetryPolicy, RetryStats};
@@ -331,9 +330,9 @@ async fn provider(stats: &RetryStats) -> Result<(), BoxError> {
     // LLM completions change nothing: mark them idempotent so they retry without a key.
     let layer = RetryLayer::new()
         .with_stats(stats.clone())
-        // A quiet demo process: the ratio's floor (retries always allowed per 10 s window)
-        // is raised from 3 so that every chat call may use its 3 retries.
-        .budgets(Budgets::default().ratio(Some(RatioConfig::builder().floor(12).build()?)))
+        // The default budgets: a quiet process (a few calls here) keeps its retries; the
+        // process ratio speaks only when calls come by the tens a second.
+        .budgets(Budgets::default())
         .side_effect_fn(|view| {
             let path = view.uri.map(|u| u.path()).unwrap_or_default();
             path.starts_with("/v1/")
