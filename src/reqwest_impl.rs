@@ -2,7 +2,7 @@
 //! `reqwest::Response` (feature `reqwest`). `reqwest::Client` is a `tower::Service`, so
 //! `ServiceBuilder::new().layer(RetryLayer::new()).service(client)` retries it.
 
-use crate::classify::{AsError, Classify, ErrorKind, LlmHttp, Outcome};
+use crate::classify::{AsError, Classify, LlmHttp, Outcome};
 use crate::observe::RetryInfo;
 use crate::request::{
     HeaderNames, IdempotencyKey, InvalidKey, Operation, RequestView, RetryRequest, SideEffect,
@@ -51,14 +51,7 @@ impl Classify<reqwest::Response, reqwest::Error> for LlmHttp {
         match result {
             Ok(res) => {
                 let outcome = LlmHttp::classify_parts(res.status(), res.headers());
-                if !matches!(outcome, Outcome::Success)
-                    && res.extensions().get::<RetryInfo>().is_some()
-                {
-                    return Outcome::Fail {
-                        kind: ErrorKind::GaveUp,
-                    };
-                }
-                outcome
+                crate::classify::unless_inner_gave_up(outcome, res.extensions())
             }
             Err(e) => crate::classify::Errors::classify_error(e.as_error()),
         }

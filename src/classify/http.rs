@@ -179,14 +179,7 @@ impl<B, E: AsError> Classify<Response<B>, E> for LlmHttp {
                         }
                     }
                 }
-                if !matches!(outcome, Outcome::Success)
-                    && res.extensions().get::<RetryInfo>().is_some()
-                {
-                    return Outcome::Fail {
-                        kind: ErrorKind::GaveUp,
-                    };
-                }
-                outcome
+                crate::classify::unless_inner_gave_up(outcome, res.extensions())
             }
             Err(e) if e.gave_up() => Outcome::Fail {
                 kind: ErrorKind::GaveUp,

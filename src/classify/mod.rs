@@ -99,6 +99,18 @@ pub use self::grpc::Grpc;
 pub use self::http::LlmHttp;
 pub use self::kind::{ErrorKind, Outcome};
 
+/// Retry at one layer only: a failing response that already carries an inner retry layer's
+/// [`RetryInfo`](crate::RetryInfo) is that layer's final answer, not retried again here.
+pub(crate) fn unless_inner_gave_up(outcome: Outcome, extensions: &::http::Extensions) -> Outcome {
+    if !matches!(outcome, Outcome::Success) && extensions.get::<crate::RetryInfo>().is_some() {
+        Outcome::Fail {
+            kind: ErrorKind::GaveUp,
+        }
+    } else {
+        outcome
+    }
+}
+
 /// Crate-internal shorthand for [`Errors::classify_error`].
 pub(crate) fn classify_error(error: &(dyn std::error::Error + 'static)) -> Outcome {
     Errors::classify_error(error)

@@ -7,7 +7,7 @@ use reqwest::ResponseBuilderExt;
 use tower::{BoxError, Service};
 
 use super::{GuardedBody, ResponseFuture, StreamGuard, StreamResponse};
-use crate::classify::{Classify, ErrorKind, LlmHttp, Outcome};
+use crate::classify::{Classify, LlmHttp, Outcome};
 use crate::observe::RetryInfo;
 use crate::request::RequestView;
 
@@ -68,14 +68,7 @@ impl Classify<reqwest::Response, BoxError> for LlmHttp {
         match result {
             Ok(res) => {
                 let outcome = LlmHttp::classify_parts(res.status(), res.headers());
-                if !matches!(outcome, Outcome::Success)
-                    && res.extensions().get::<RetryInfo>().is_some()
-                {
-                    return Outcome::Fail {
-                        kind: ErrorKind::GaveUp,
-                    };
-                }
-                outcome
+                crate::classify::unless_inner_gave_up(outcome, res.extensions())
             }
             Err(e) => crate::classify::classify_error(&**e),
         }
