@@ -11,10 +11,11 @@
 //! | [`RETRY_DELAY`] `tower_retry_guard_retry_delay_seconds` | histogram | `operation` | the delay before each retry sent |
 //! | [`STREAM_FAILURES`] `tower_retry_guard_stream_failures_total` | counter | `operation`, `error_type` | streams failed after their first content event (never retried) |
 //!
-//! Label values are bounded: `operation` is the stats' operation name (ids collapsed, at most
-//! [`RetryStats::DEFAULT_MAX_OPERATIONS`](crate::RetryStats::DEFAULT_MAX_OPERATIONS) names,
-//! the rest under `other`); `error_type` is an [`ErrorKind`](crate::ErrorKind) label;
-//! `outcome` a fixed set.
+//! Label values are bounded: `operation` is the stats' operation name (ids collapsed, at
+//! most [`RetryStats::DEFAULT_MAX_OPERATIONS`](crate::RetryStats::DEFAULT_MAX_OPERATIONS)
+//! names, the rest under
+//! [`RetryStats::OVERFLOW_OPERATION`](crate::RetryStats::OVERFLOW_OPERATION));
+//! `error_type` is an [`ErrorKind`] label; `outcome` a fixed set.
 
 use std::sync::Arc;
 

@@ -3,7 +3,7 @@
 //! (`stats.rs`), read as [`Window`]s, [`KindSnapshot`]s, a [`Health`] verdict (`health.rs`)
 //! or a table (`table.rs`); and the operation names they are kept under (`operation.rs`:
 //! low cardinality by default, a bounded number tracked). Metrics (feature `metrics`,
-//! names in [`metrics`](self::metrics)) are recorded with the stats.
+//! names in [`metrics`]) are recorded with the stats.
 
 mod health;
 #[cfg(feature = "metrics")]

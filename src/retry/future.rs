@@ -170,7 +170,9 @@ where
                 let outcome = config.classify.classify(&result);
                 attempt_answered(&call.attempt_span, &config.classify, &result, &outcome);
                 if let Outcome::Success = outcome {
-                    // The success path moves nothing: the call is read in place.
+                    // The success path moves nothing: the call is read in place. The attempt's
+                    // span ends first (the final event is on the call's span).
+                    call.attempt_span = tracing::Span::none();
                     let output = succeed(config, call, result, waited);
                     state.set(State::Done);
                     return Poll::Ready(output);
