@@ -407,3 +407,52 @@ async fn stop_on_the_first_attempt_names_the_operation() {
         Some("GET /v1/models")
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_error_attempt_has_no_status_and_a_hung_one_ends_as_a_timeout() {
+    // The first attempt fails to connect (no response: no status code); the retry hangs
+    // until the call's deadline drops it: its span ends with `error.type` = `timeout`.
+    let (cap, _guard) = capture();
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let inner = tower::service_fn(move |_req: http::Request<String>| {
+        let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+            }
+            std::future::pending::<()>().await;
+            Ok(http::Response::new(String::new()))
+        }
+    });
+    let policy = RetryPolicy::builder()
+        .max_total_time(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let mut svc = ServiceBuilder::new()
+        .layer(no_budgets().policy(policy))
+        .service(inner);
+    let err = send(&mut svc, get("http://127.0.0.1:8080/v1/models"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err.reason(), StopReason::Deadline { .. }), "{err}");
+
+    let call = &cap.spans("retry_call")[0];
+    let attempts = cap.spans("retry_attempt");
+    assert_eq!(attempts.len(), 2, "{attempts:#?}");
+    assert!(attempts.iter().all(|a| a.parent == Some(call.id)));
+    let (first, retry) = (&attempts[0].fields, &attempts[1].fields);
+    assert_eq!(first["server.address"], "127.0.0.1");
+    assert_eq!(first["server.port"], "8080");
+    assert_eq!(first["error.type"], "connect");
+    assert!(
+        !first.contains_key("http.response.status_code"),
+        "{first:?}"
+    );
+    assert_eq!(retry["http.request.resend_count"], "1");
+    assert_eq!(retry["error.type"], "timeout");
+    assert_eq!(retry["otel.status_code"], "error");
+    assert!(
+        !retry.contains_key("http.response.status_code"),
+        "{retry:?}"
+    );
+}
