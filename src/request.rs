@@ -336,6 +336,20 @@ pub trait RetryRequest: Sized {
         RequestView::default()
     }
 
+    /// The server the request goes to, host and port, for `server.address` and `server.port`
+    /// on the attempt's span. Called once per attempt, only when a tracing subscriber records
+    /// that span. The default reads the [`view`](RetryRequest::view)'s URI (the port from the
+    /// URI, else 443 for `https` and 80 for `http`).
+    fn server(&self) -> Option<(&str, Option<u16>)> {
+        let uri = self.view().uri?;
+        let port = uri.port_u16().or(match uri.scheme_str() {
+            Some("https") => Some(443),
+            Some("http") => Some(80),
+            _ => None,
+        });
+        Some((uri.host()?, port))
+    }
+
     /// The operation's name, when the request knows it (a tool call knows its tool). Called
     /// when no [`Operation`] extension or naming closure named it; keep it cheap (a
     /// `&'static str` name does not allocate).

@@ -38,6 +38,10 @@ impl RetryRequest for reqwest::Request {
         }
     }
 
+    fn server(&self) -> Option<(&str, Option<u16>)> {
+        Some((self.url().host_str()?, self.url().port_or_known_default()))
+    }
+
     fn operation(&self) -> Option<Operation> {
         Some(crate::observe::default_operation(
             self.method(),
@@ -54,6 +58,13 @@ impl Classify<reqwest::Response, reqwest::Error> for LlmHttp {
                 crate::classify::unless_inner_gave_up(outcome, res.extensions())
             }
             Err(e) => crate::classify::Errors::classify_error(e.as_error()),
+        }
+    }
+
+    fn status_code(&self, result: &Result<reqwest::Response, reqwest::Error>) -> Option<u16> {
+        match result {
+            Ok(res) => Some(res.status().as_u16()),
+            Err(e) => e.status().map(|s| s.as_u16()),
         }
     }
 

@@ -1,5 +1,8 @@
-//! Rule 6, "Visible": every retry is a tracing event with operation, attempt, error kind,
-//! delay and key; the call runs in a `retry_call` span; the final outcome is an event.
+//! Rule 6, "Visible": every retry is a tracing event with operation, attempt, error type,
+//! delay and key; the call runs in a `retry_call` span, each request it sends in a
+//! `retry_attempt` span under it (OpenTelemetry's HTTP client attributes); the final
+//! outcome is an event. (`client_observe_otel.rs` checks the same tree through the
+//! OpenTelemetry SDK.)
 
 mod common;
 
@@ -48,6 +51,7 @@ impl Ev {
 #[derive(Debug, Clone)]
 struct Sp {
     id: u64,
+    parent: Option<u64>,
     name: String,
     fields: Fields,
 }
@@ -113,14 +117,19 @@ impl Visit for Visitor<'_> {
 const TARGET: &str = "tower_retry_guard";
 
 impl<S: Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Capture {
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, _: Context<'_, S>) {
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         if attrs.metadata().target() != TARGET {
             return;
         }
         let mut fields = Fields::new();
         attrs.record(&mut Visitor(&mut fields));
+        let parent = ctx
+            .span(id)
+            .and_then(|s| s.parent())
+            .map(|p| p.id().into_u64());
         self.spans.lock().unwrap().push(Sp {
             id: id.into_u64(),
+            parent,
             name: attrs.metadata().name().to_owned(),
             fields,
         });
@@ -166,7 +175,12 @@ async fn retry_events_of_a_keyed_post_then_recovered() {
     let mut svc = ServiceBuilder::new()
         .layer(no_budgets())
         .service(inner.clone());
-    let res = send(&mut svc, post("/v1/chat/completions")).await.unwrap();
+    let res = send(
+        &mut svc,
+        post("https://api.example.com/v1/chat/completions"),
+    )
+    .await
+    .unwrap();
     assert_eq!(res.status(), 200);
     assert_eq!(inner.count(), 3);
     let info = res.extensions().get::<RetryInfo>().unwrap().clone();
@@ -186,8 +200,9 @@ async fn retry_events_of_a_keyed_post_then_recovered() {
         assert_eq!(ev.field("operation"), "POST /v1/chat/completions");
         assert_eq!(ev.num("attempt"), retry + 1);
         assert_eq!(ev.num("retry"), retry);
-        assert_eq!(ev.num("http.request.resend_count"), retry);
-        assert_eq!(ev.field("error_kind"), "overloaded");
+        // Renamed from `error_kind`; the resend count is on the attempt's span now.
+        assert_eq!(ev.field("error.type"), "overloaded");
+        assert!(ev.get("http.request.resend_count").is_none(), "{ev:?}");
         assert_eq!(ev.num("retries_left"), 3 - retry);
         assert_eq!(ev.field("key"), key);
         let delay = ev.num("delay_ms");
@@ -218,11 +233,37 @@ async fn retry_events_of_a_keyed_post_then_recovered() {
 
     let spans = cap.spans("retry_call");
     assert_eq!(spans.len(), 1, "{spans:#?}");
-    let span = &spans[0].fields;
+    let call = &spans[0];
+    let span = &call.fields;
     assert_eq!(span["operation"], "POST /v1/chat/completions");
-    assert_eq!(span["method"], "POST");
+    assert_eq!(span["otel.name"], "POST /v1/chat/completions");
+    assert_eq!(span["http.request.method"], "POST");
     assert_eq!(span["side_effect"], "side_effecting");
     assert_eq!(span["key"], key);
+
+    // One span per request sent, children of the call's span.
+    let attempts = cap.spans("retry_attempt");
+    assert_eq!(attempts.len(), 3, "{attempts:#?}");
+    for (n, attempt) in attempts.iter().enumerate() {
+        assert_eq!(attempt.parent, Some(call.id), "{attempt:?}");
+        let f = &attempt.fields;
+        assert_eq!(f["otel.name"], "POST");
+        assert_eq!(f["otel.kind"], "client");
+        assert_eq!(f["http.request.method"], "POST");
+        assert_eq!(f["server.address"], "api.example.com");
+        assert_eq!(f["server.port"], "443");
+        // Absent on the first attempt (the semantic conventions), 1 and 2 on the retries.
+        assert_eq!(
+            f.get("http.request.resend_count").map(String::as_str),
+            [None, Some("1"), Some("2")][n]
+        );
+        let status = ["503", "503", "200"][n];
+        assert_eq!(f["http.response.status_code"], status);
+        let error = [Some("overloaded"), Some("overloaded"), None][n];
+        assert_eq!(f.get("error.type").map(String::as_str), error, "{f:?}");
+        let otel_status = [Some("error"), Some("error"), None][n];
+        assert_eq!(f.get("otel.status_code").map(String::as_str), otel_status);
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -248,9 +289,18 @@ async fn first_try_success_is_quiet_and_get_has_no_key() {
     assert_eq!(spans.len(), 1);
     let span = &spans[0].fields;
     assert_eq!(span["operation"], "list_models");
-    assert_eq!(span["method"], "GET");
+    assert_eq!(span["http.request.method"], "GET");
     assert_eq!(span["side_effect"], "read_only");
     assert!(!span.contains_key("key"), "a GET has no key: {span:?}");
+    // One attempt: no resend count; a path-only URI: no server.
+    let attempts = cap.spans("retry_attempt");
+    assert_eq!(attempts.len(), 1);
+    let f = &attempts[0].fields;
+    assert_eq!(attempts[0].parent, Some(spans[0].id));
+    assert_eq!(f["http.response.status_code"], "200");
+    for absent in ["http.request.resend_count", "error.type", "server.address"] {
+        assert!(!f.contains_key(absent), "{absent}: {f:?}");
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -277,7 +327,7 @@ async fn exhausted_is_a_warning_with_attempts_and_kind() {
     assert_eq!(done.level, Level::WARN);
     assert_eq!(done.field("outcome"), "exhausted");
     assert_eq!(done.num("attempts"), 4);
-    assert_eq!(done.field("error_kind"), "overloaded");
+    assert_eq!(done.field("error.type"), "overloaded");
     assert_eq!(done.field("operation"), "GET /v1/models");
     let info = res.extensions().get::<RetryInfo>().unwrap();
     assert_eq!(
@@ -306,7 +356,7 @@ async fn budget_denial_is_a_warning() {
     assert_eq!(finals.len(), 1, "{finals:#?}");
     assert_eq!(finals[0].level, Level::WARN);
     assert_eq!(finals[0].field("outcome"), "budget");
-    assert_eq!(finals[0].field("error_kind"), "server_error");
+    assert_eq!(finals[0].field("error.type"), "server_error");
     assert_eq!(finals[0].num("attempts"), 2);
     let info = res.extensions().get::<RetryInfo>().unwrap();
     assert!(matches!(
@@ -355,5 +405,54 @@ async fn stop_on_the_first_attempt_names_the_operation() {
     assert_eq!(
         info.operation.as_ref().map(|o| o.as_str()),
         Some("GET /v1/models")
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_error_attempt_has_no_status_and_a_hung_one_ends_as_a_timeout() {
+    // The first attempt fails to connect (no response: no status code); the retry hangs
+    // until the call's deadline drops it: its span ends with `error.type` = `timeout`.
+    let (cap, _guard) = capture();
+    let calls = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let inner = tower::service_fn(move |_req: http::Request<String>| {
+        let n = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            if n == 0 {
+                return Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+            }
+            std::future::pending::<()>().await;
+            Ok(http::Response::new(String::new()))
+        }
+    });
+    let policy = RetryPolicy::builder()
+        .max_total_time(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let mut svc = ServiceBuilder::new()
+        .layer(no_budgets().policy(policy))
+        .service(inner);
+    let err = send(&mut svc, get("http://127.0.0.1:8080/v1/models"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err.reason(), StopReason::Deadline { .. }), "{err}");
+
+    let call = &cap.spans("retry_call")[0];
+    let attempts = cap.spans("retry_attempt");
+    assert_eq!(attempts.len(), 2, "{attempts:#?}");
+    assert!(attempts.iter().all(|a| a.parent == Some(call.id)));
+    let (first, retry) = (&attempts[0].fields, &attempts[1].fields);
+    assert_eq!(first["server.address"], "127.0.0.1");
+    assert_eq!(first["server.port"], "8080");
+    assert_eq!(first["error.type"], "connect");
+    assert!(
+        !first.contains_key("http.response.status_code"),
+        "{first:?}"
+    );
+    assert_eq!(retry["http.request.resend_count"], "1");
+    assert_eq!(retry["error.type"], "timeout");
+    assert_eq!(retry["otel.status_code"], "error");
+    assert!(
+        !retry.contains_key("http.response.status_code"),
+        "{retry:?}"
     );
 }

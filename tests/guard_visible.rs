@@ -84,7 +84,7 @@ async fn every_retry_is_a_tracing_event_with_operation_attempt_kind_delay_and_ke
         assert_eq!(span.as_deref(), Some("retry_call"));
         assert_eq!(fields["operation"], "send_email");
         assert_eq!(fields["attempt"], (i + 2).to_string());
-        assert_eq!(fields["error_kind"], "timeout");
+        assert_eq!(fields["error.type"], "timeout");
         assert_eq!(fields["delay_ms"], "100");
         assert_eq!(fields["key"], "tc:6.task-1:7.call_42");
     }

@@ -282,6 +282,10 @@ impl<B, E: AsError> Classify<Response<B>, E> for Grpc {
         }
     }
 
+    fn status_code(&self, result: &Result<Response<B>, E>) -> Option<u16> {
+        result.as_ref().ok().map(|res| res.status().as_u16())
+    }
+
     fn attach(&self, response: &mut Response<B>, info: RetryInfo) -> Option<RetryInfo> {
         // An inner retry layer's account is the truer one (see `LlmHttp`).
         if info.attempts <= 1 && response.extensions().get::<RetryInfo>().is_some() {

@@ -188,6 +188,10 @@ impl<B, E: AsError> Classify<Response<B>, E> for LlmHttp {
         }
     }
 
+    fn status_code(&self, result: &Result<Response<B>, E>) -> Option<u16> {
+        result.as_ref().ok().map(|res| res.status().as_u16())
+    }
+
     fn attach(&self, response: &mut Response<B>, info: RetryInfo) -> Option<RetryInfo> {
         // An inner retry layer's account of the one attempt this layer made says what
         // really happened (its attempts, delay, key, outcome): keep it.

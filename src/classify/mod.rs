@@ -140,6 +140,15 @@ pub trait Classify<Res, E> {
         Some(info)
     }
 
+    /// The HTTP status of an attempt's response, if the result is one: recorded as
+    /// `http.response.status_code` on the attempt's span. Called only when a tracing
+    /// subscriber records that span (never on an untraced success path); the default knows
+    /// none.
+    fn status_code(&self, result: &Result<Res, E>) -> Option<u16> {
+        let _ = result;
+        None
+    }
+
     /// `self`, then `next` for what `self` calls a success: `LlmHttp.or(validate_output)`
     /// retries on the status first, then on the body. Either order keeps the
     /// [`RetryInfo`]: `self` attaches it, else `next`.
@@ -183,5 +192,11 @@ where
     fn attach(&self, response: &mut Res, info: RetryInfo) -> Option<RetryInfo> {
         let info = self.first.attach(response, info)?;
         self.next.attach(response, info)
+    }
+
+    fn status_code(&self, result: &Result<Res, E>) -> Option<u16> {
+        self.first
+            .status_code(result)
+            .or_else(|| self.next.status_code(result))
     }
 }

@@ -2,10 +2,12 @@
 //! [`RetryInfo`] on every response and error (`outcome.rs`); the shared [`RetryStats`]
 //! (`stats.rs`), read as [`Window`]s, [`KindSnapshot`]s, a [`Health`] verdict (`health.rs`)
 //! or a table (`table.rs`); and the operation names they are kept under (`operation.rs`:
-//! low cardinality by default, a bounded number tracked). Metrics (feature `metrics`) are
-//! recorded with the stats.
+//! low cardinality by default, a bounded number tracked). Metrics (feature `metrics`,
+//! names in [`metrics`]) are recorded with the stats.
 
 mod health;
+#[cfg(feature = "metrics")]
+pub mod metrics;
 mod operation;
 mod outcome;
 mod snapshot;

@@ -56,7 +56,8 @@ struct Bucket {
 
 #[derive(Debug)]
 struct OpStats {
-    name: String,
+    /// Shared: a metric label clones it without allocating.
+    name: Arc<str>,
     /// The entry of the operations past the cap.
     overflow: bool,
     calls: AtomicU64,
@@ -68,7 +69,7 @@ impl OpStats {
     fn new(name: String) -> Self {
         OpStats {
             overflow: name == OVERFLOW_OPERATION,
-            name,
+            name: name.into(),
             calls: AtomicU64::new(0),
             kinds: Default::default(),
             window: std::array::from_fn(|_| Bucket::default()),
@@ -166,6 +167,8 @@ impl RetryStats {
     /// Empty stats tracking at most `max` operations; the rest are counted under
     /// [`RetryStats::OVERFLOW_OPERATION`].
     pub fn with_max_operations(max: usize) -> Self {
+        #[cfg(feature = "metrics")]
+        super::metrics::describe();
         let overflow = Arc::new(OpStats::new(OVERFLOW_OPERATION.to_owned()));
         let ops = OpMap::default();
         ops.insert(OpKey::of_name(OVERFLOW_OPERATION).0, overflow.clone());
@@ -255,6 +258,15 @@ impl RetryStats {
         f(op, bucket);
     }
 
+    /// The first attempt of a call is sent (only the `metrics` feature counts it: the stats
+    /// count calls).
+    #[inline]
+    pub(crate) fn record_original_attempt(&self, handle: &OpHandle) {
+        #[cfg(feature = "metrics")]
+        super::metrics::original_attempt(&handle.0.name);
+        let _ = handle;
+    }
+
     /// A logical call ended in success.
     pub(crate) fn record_success(
         &self,
@@ -270,12 +282,14 @@ impl RetryStats {
                 bucket.recovered.fetch_add(1, Relaxed);
             }
             #[cfg(feature = "metrics")]
-            metrics::counter!(
-                "retry_calls_total",
-                "operation" => op.name.clone(),
-                "outcome" => if recovered_from.is_some() { "recovered" } else { "succeeded" }
-            )
-            .increment(1);
+            super::metrics::call(
+                &op.name,
+                if recovered_from.is_some() {
+                    "recovered"
+                } else {
+                    "succeeded"
+                },
+            );
         });
     }
 
@@ -288,16 +302,7 @@ impl RetryStats {
             k.retries.fetch_add(1, Relaxed);
             bucket.retries.fetch_add(1, Relaxed);
             #[cfg(feature = "metrics")]
-            {
-                metrics::counter!(
-                    "retry_attempts_total",
-                    "operation" => op.name.clone(),
-                    "error_kind" => kind.as_str()
-                )
-                .increment(1);
-                metrics::histogram!("retry_delay_seconds", "operation" => op.name.clone())
-                    .record(delay.as_secs_f64());
-            }
+            super::metrics::retry(&op.name, kind, delay);
         });
     }
 
@@ -334,12 +339,7 @@ impl RetryStats {
                 bucket.failed.fetch_add(1, Relaxed);
             }
             #[cfg(feature = "metrics")]
-            metrics::counter!(
-                "retry_calls_total",
-                "operation" => op.name.clone(),
-                "outcome" => reason.as_str()
-            )
-            .increment(1);
+            super::metrics::call(&op.name, reason.as_str());
         });
     }
 
@@ -352,12 +352,7 @@ impl RetryStats {
             op.kinds[kind.index()].mid_stream.fetch_add(1, Relaxed);
             bucket.failed.fetch_add(1, Relaxed);
             #[cfg(feature = "metrics")]
-            metrics::counter!(
-                "retry_stream_failures_total",
-                "operation" => op.name.clone(),
-                "error_kind" => kind.as_str()
-            )
-            .increment(1);
+            super::metrics::stream_failure(&op.name, kind);
         });
     }
 }

@@ -31,6 +31,9 @@ pub(crate) struct Call<Req> {
     pub(crate) last_kind: Option<ErrorKind>,
     /// What only a call that failed carries (boxed: the success path moves less).
     pub(crate) retried: Option<Box<Retried>>,
+    /// The span of the attempt in flight (none when untraced); dropped, so closed, when the
+    /// attempt answers.
+    pub(crate) attempt_span: tracing::Span,
     /// Counts the call as active until it is dropped, a panicking inner `call` included.
     _active: ActiveCall,
 }
@@ -113,6 +116,7 @@ impl<Req: RetryRequest> Call<Req> {
             op,
             last_kind: None,
             retried: None,
+            attempt_span: tracing::Span::none(),
             _active: config.budgets.active_call(),
         })
     }

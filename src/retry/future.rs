@@ -15,7 +15,7 @@ use super::call::Call;
 use super::change::ChangeRequest;
 use super::config::Config;
 use super::decide;
-use super::report::{Refusal, stop, succeed};
+use super::report::{Refusal, attempt_answered, attempt_failed, stop, succeed};
 use super::wait::{Answered, Resumed, Wait, answered};
 use crate::classify::{Classify, ErrorKind, Outcome};
 use crate::error::RetryError;
@@ -117,7 +117,14 @@ where
             }
         }
         let waited = this.deadline.is_some();
-        let polled = step::<S, Req, C, H>(config, this.service, this.state.as_mut(), waited, cx);
+        let polled = step::<S, Req, C, H>(
+            config,
+            this.service,
+            this.state.as_mut(),
+            this.span,
+            waited,
+            cx,
+        );
         if polled.is_pending() && !waited {
             // The call waits for the first time: from now on its deadline bounds it.
             let at = match this.state.as_mut().project() {
@@ -141,6 +148,7 @@ fn step<S, Req, C, H>(
     config: &Config<C, H>,
     service: &mut S,
     mut state: Pin<&mut StateOf<S, Req>>,
+    span: &tracing::Span,
     waited: bool,
     cx: &mut Context<'_>,
 ) -> Poll<Output<S, Req>>
@@ -155,10 +163,16 @@ where
     loop {
         let next = match state.as_mut().project() {
             StateProj::Calling { attempt, call } => {
-                let result = ready!(attempt.poll(cx));
+                let result = {
+                    let _entered = call.attempt_span.enter();
+                    ready!(attempt.poll(cx))
+                };
                 let outcome = config.classify.classify(&result);
+                attempt_answered(&call.attempt_span, &config.classify, &result, &outcome);
                 if let Outcome::Success = outcome {
-                    // The success path moves nothing: the call is read in place.
+                    // The success path moves nothing: the call is read in place. The attempt's
+                    // span ends first (the final event is on the call's span).
+                    call.attempt_span = tracing::Span::none();
                     let output = succeed(config, call, result, waited);
                     state.set(State::Done);
                     return Poll::Ready(output);
@@ -178,7 +192,7 @@ where
                 let StateOwn::Waiting { wait } = state.as_mut().project_replace(State::Done) else {
                     continue;
                 };
-                match wait.end(config, service, end) {
+                match wait.end(config, service, end, span) {
                     Resumed::Calling(attempt, call) => State::Calling { attempt, call },
                     Resumed::Done(output) => return Poll::Ready(output),
                 }
@@ -206,6 +220,7 @@ where
     // Dropped here: the attempt's future, or the store's answer (and the ratio's share).
     match state.project_replace(State::Done) {
         StateOwn::Calling { call, .. } => {
+            attempt_failed(&call.attempt_span, ErrorKind::Timeout);
             // An attempt in flight has no answer.
             if call.in_retry() {
                 config.budgets.on_retry_result(false);

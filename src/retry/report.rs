@@ -6,7 +6,7 @@ use tokio::time::Instant;
 
 use super::call::{Call, OpName};
 use super::config::Config;
-use crate::classify::{Classify, ErrorKind};
+use crate::classify::{Classify, ErrorKind, Outcome};
 use crate::error::RetryError;
 use crate::observe::StopReason;
 use crate::observe::{CallOutcome, RetryInfo};
@@ -48,7 +48,8 @@ pub(crate) fn refused<C, H>(config: &Config<C, H>, op: &OpName, invalid: Invalid
     Box::new((reason, info))
 }
 
-/// A retry is granted: the WARN event.
+/// A retry is granted: the WARN event, on the call's span (the attempt that failed has
+/// ended; the retry's own span starts when it is sent).
 pub(crate) fn log_retry<Req, C, H>(config: &Config<C, H>, call: &Call<Req>, delay: Duration) {
     let kind = call.last_kind.unwrap_or(ErrorKind::Other);
     tracing::warn!(
@@ -56,8 +57,7 @@ pub(crate) fn log_retry<Req, C, H>(config: &Config<C, H>, call: &Call<Req>, dela
         operation = call.op.as_str(),
         attempt = call.attempts + 1,
         retry = call.attempts,
-        "http.request.resend_count" = call.attempts,
-        error_kind = kind.as_str(),
+        "error.type" = kind.as_str(),
         delay_ms = delay.as_millis() as u64,
         retries_left = config.policy.max_retries().saturating_sub(call.attempts),
         time_left_ms = call
@@ -154,7 +154,7 @@ where
             target: "tower_retry_guard",
             operation = call.op.as_str(),
             attempts = call.attempts,
-            error_kind = kind.as_str(),
+            "error.type" = kind.as_str(),
             outcome = reason.as_str(),
             total_delay_ms = call.total_delay().as_millis() as u64,
             "gave up: {reason}"
@@ -163,7 +163,7 @@ where
         tracing::debug!(
             target: "tower_retry_guard",
             operation = call.op.as_str(),
-            error_kind = kind.as_str(),
+            "error.type" = kind.as_str(),
             "not retryable"
         );
     }
@@ -179,7 +179,9 @@ where
     }
 }
 
-/// The call's span, if a subscriber wants it (else none is built, nor its `log` fallback).
+/// The logical call's span, if a subscriber wants it (else none is built, nor its `log`
+/// fallback). Named `retry_call`; `otel.name` (the operation) names it for the
+/// OpenTelemetry bridge. Its children: one [`attempt_span`] per request sent.
 pub(crate) fn span<Req: RetryRequest>(call: &Call<Req>, request: &Req) -> tracing::Span {
     if !tracing::enabled!(target: "tower_retry_guard", tracing::Level::INFO) {
         return tracing::Span::none();
@@ -187,9 +189,72 @@ pub(crate) fn span<Req: RetryRequest>(call: &Call<Req>, request: &Req) -> tracin
     tracing::info_span!(
         target: "tower_retry_guard",
         "retry_call",
+        "otel.name" = call.op.as_str(),
         operation = call.op.as_str(),
-        method = request.view().method.map(|m| m.as_str()),
+        "http.request.method" = request.view().method.map(|m| m.as_str()),
         side_effect = call.side_effect.as_str(),
         key = call.key.as_ref().map(|k| k.as_str()),
     )
+}
+
+/// The span of one attempt (a physical request), a child of the call's `parent` span;
+/// none when the call has none (no subscriber wants it). Named `retry_attempt`, with the
+/// OpenTelemetry HTTP client attributes: `otel.name` is the method (the operation for a
+/// request without one: a tool call), `otel.kind` `client`; `http.request.resend_count` only on a retry (the semantic
+/// conventions leave it out of the first attempt); `http.response.status_code`,
+/// `error.type` and `otel.status_code` are recorded when the attempt answers
+/// ([`attempt_answered`]).
+pub(crate) fn attempt_span<Req: RetryRequest>(
+    parent: &tracing::Span,
+    request: &Req,
+    resend_count: u32,
+    operation: &str,
+) -> tracing::Span {
+    if parent.is_none() {
+        return tracing::Span::none();
+    }
+    let method = request.view().method.map(|m| m.as_str());
+    let server = request.server();
+    tracing::info_span!(
+        target: "tower_retry_guard",
+        parent: parent,
+        "retry_attempt",
+        "otel.name" = method.unwrap_or(operation),
+        "otel.kind" = "client",
+        "http.request.method" = method,
+        // Integers as i64: OpenTelemetry's int (the bridge would record a u64 as text).
+        "http.request.resend_count" = (resend_count > 0).then_some(i64::from(resend_count)),
+        "server.address" = server.map(|(host, _)| host),
+        "server.port" = server.and_then(|(_, port)| port).map(i64::from),
+        "http.response.status_code" = tracing::field::Empty,
+        "error.type" = tracing::field::Empty,
+        "otel.status_code" = tracing::field::Empty,
+    )
+}
+
+/// An attempt answered: its status code (what the classifier knows) and, for a failure,
+/// its `error.type` (the [`ErrorKind`]'s label), on its span. Nothing when untraced.
+#[inline]
+pub(crate) fn attempt_answered<Res, E, C: Classify<Res, E>>(
+    span: &tracing::Span,
+    classify: &C,
+    result: &Result<Res, E>,
+    outcome: &Outcome,
+) {
+    if span.is_none() {
+        return;
+    }
+    if let Some(code) = classify.status_code(result) {
+        span.record("http.response.status_code", i64::from(code));
+    }
+    match outcome {
+        Outcome::Success => {}
+        Outcome::Retry { kind, .. } | Outcome::Fail { kind } => attempt_failed(span, *kind),
+    }
+}
+
+/// An attempt failed with `kind` (or was dropped at the deadline: `timeout`).
+pub(crate) fn attempt_failed(span: &tracing::Span, kind: ErrorKind) {
+    span.record("error.type", kind.as_str());
+    span.record("otel.status_code", "error");
 }

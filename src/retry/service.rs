@@ -11,7 +11,7 @@ use super::change::ChangeRequest;
 use super::config::Config;
 use super::decide;
 use super::future::ResponseFuture;
-use super::report::{refused, span};
+use super::report::{attempt_span, refused, span};
 use crate::classify::Classify;
 use crate::error::RetryError;
 use crate::observe::RetryInfo;
@@ -86,9 +86,16 @@ where
     fn call(&mut self, mut request: Req) -> Self::Future {
         // The ready service takes the first attempt; a clone, polled ready again, the retries.
         match Call::start(&self.config, &mut request) {
-            Ok(call) => {
+            Ok(mut call) => {
                 let span = span(&call, &request);
-                let attempt = self.inner.call(request);
+                call.attempt_span = attempt_span(&span, &request, 0, call.op.as_str());
+                self.config.stats.record_original_attempt(&call.op.handle);
+                // Entered while the inner service builds its future: its own spans (a
+                // `TraceLayer`, a client's) nest under the attempt.
+                let attempt = {
+                    let _entered = call.attempt_span.enter();
+                    self.inner.call(request)
+                };
                 let (service, config) = (self.inner.clone(), self.config.clone());
                 ResponseFuture::calling(attempt, call, span, service, config)
             }

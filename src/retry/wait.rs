@@ -14,7 +14,7 @@ use super::call::Call;
 use super::change::{ChangeRequest, RetryContext};
 use super::config::Config;
 use super::decide::{self, Decision};
-use super::report::{log_retry, stop, succeed};
+use super::report::{attempt_span, log_retry, stop, succeed};
 use crate::budget::{Acquire, RatioPermit, RetrySlot, Verdict};
 use crate::classify::{Classify, ErrorKind, Outcome};
 use crate::error::RetryError;
@@ -70,6 +70,8 @@ where
     C: Classify<Res, E>,
     H: ChangeRequest<Req, Res, E>,
 {
+    // The attempt answered: its span ends here, before the retry's events (on the call's span).
+    call.attempt_span = tracing::Span::none();
     if call.in_retry() {
         config.budgets.on_retry_result(false);
     }
@@ -189,6 +191,7 @@ impl<Req, Res, E> Wait<Req, Res, E> {
         config: &Config<C, H>,
         service: &mut S,
         end: End<E>,
+        span: &tracing::Span,
     ) -> Resumed<S::Future, Req, Res, E>
     where
         S: Service<Req, Response = Res, Error = E>,
@@ -230,8 +233,13 @@ impl<Req, Res, E> Wait<Req, Res, E> {
         }
         // Counted now, not when decided: a retry refused on the way was never sent.
         config.stats.record_retry(&call.op.handle, kind, delay);
+        call.attempt_span = attempt_span(span, &request, call.attempts, call.op.as_str());
         call.attempts += 1;
-        Resumed::Calling(service.call(request), call)
+        let attempt = {
+            let _entered = call.attempt_span.enter();
+            service.call(request)
+        };
+        Resumed::Calling(attempt, call)
     }
 }
 

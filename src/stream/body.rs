@@ -40,7 +40,7 @@ impl Recorder {
         tracing::warn!(
             target: "tower_retry_guard",
             operation = ?self.operation,
-            error_kind = kind.as_str(),
+            "error.type" = kind.as_str(),
             error = %failure,
             "stream failed after its first content event; not retried"
         );

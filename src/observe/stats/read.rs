@@ -19,7 +19,7 @@ impl RetryStats {
             .ops
             .iter()
             .filter(|e| !Arc::ptr_eq(e.value(), overflow) || overflow.calls.load(Relaxed) > 0)
-            .map(|e| e.name.clone())
+            .map(|e| e.name.to_string())
             .collect();
         names.sort();
         names
