@@ -417,8 +417,10 @@ async fn redis_down_fails_closed_or_open_and_503_then_recovers() {
 
 #[tokio::test]
 async fn a_store_that_never_connected_errors_within_its_timeout() {
-    // Nothing listens on this port: every call is an error, quickly, never a hang.
-    let port = free_port();
+    // A port held by a listener that never answers (a free port could be taken by another
+    // test's redis-server meanwhile): every call is an error, quickly, never a hang.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("addr").port();
     let store = RedisStore::new(&format!("redis://127.0.0.1:{port}/"))
         .expect("a lazy store")
         .timeout(Duration::from_millis(100));
