@@ -104,6 +104,7 @@
 //! `grpc-previous-rpc-attempts`, and [`BufferRequestBodyLayer`](crate::body::BufferRequestBodyLayer) keeps the request for a
 //! retry. The stack and the rule for side effects are in the [`classify`] module docs.
 #![forbid(unsafe_code)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![warn(missing_docs, unreachable_pub, rust_2018_idioms)]
 
 mod backoff;
@@ -133,6 +134,7 @@ pub use crate::guard::{Call, Guard};
 pub use crate::observe::{CallOutcome, Health, RetryInfo, RetryStats, StopReason};
 pub use crate::policy::{PolicyError, RetryPolicy, RetryPolicyBuilder};
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use crate::redis::RedisStore;
 pub use crate::request::{IdempotencyKey, Operation, RetryRequest, SideEffect};
 pub use crate::retry::{ResponseFuture, Retry, RetryLayer};

@@ -9,6 +9,7 @@ use crate::request::{
     key_from_headers, stamp_attempt, stamp_key,
 };
 
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 impl RetryRequest for reqwest::Request {
     fn try_clone(&self) -> Option<Self> {
         reqwest::Request::try_clone(self)
@@ -50,6 +51,7 @@ impl RetryRequest for reqwest::Request {
     }
 }
 
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 impl Classify<reqwest::Response, reqwest::Error> for LlmHttp {
     fn classify(&self, result: &Result<reqwest::Response, reqwest::Error>) -> Outcome {
         match result {

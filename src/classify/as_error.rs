@@ -56,6 +56,7 @@ impl AsError for tower::timeout::error::Elapsed {
 }
 
 #[cfg(feature = "hyper-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hyper-util")))]
 impl AsError for hyper_util::client::legacy::Error {
     fn as_error(&self) -> &(dyn StdError + 'static) {
         self
@@ -63,6 +64,7 @@ impl AsError for hyper_util::client::legacy::Error {
 }
 
 #[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 impl AsError for reqwest::Error {
     fn as_error(&self) -> &(dyn StdError + 'static) {
         self

@@ -7,6 +7,7 @@
 
 mod health;
 #[cfg(feature = "metrics")]
+#[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
 pub mod metrics;
 mod operation;
 mod outcome;

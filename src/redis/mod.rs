@@ -213,6 +213,7 @@ impl RedisStore {
     /// is followed without a restart: a call in the gap is a [`StoreError`] within the
     /// timeout. Must be called within a Tokio runtime (an error otherwise).
     #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
     pub fn cluster<I, S>(nodes: I) -> Result<Self, StoreError>
     where
         I: IntoIterator<Item = S>,
@@ -239,6 +240,7 @@ impl RedisStore {
     /// layout. The store makes its connections from it, lazily, and makes a new one after a
     /// call that lost the cluster (a dead node, a failover), at most every 200 ms.
     #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
     pub fn from_cluster_client(client: ::redis::cluster::ClusterClient) -> Self {
         RedisStore::with(Conn::from_cluster_client(client))
     }

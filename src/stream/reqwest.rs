@@ -11,6 +11,7 @@ use crate::classify::{Classify, LlmHttp, Outcome};
 use crate::observe::RetryInfo;
 use crate::request::RequestView;
 
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 impl StreamResponse for reqwest::Response {
     type Body = reqwest::Body;
     type Extra = reqwest::Url;
@@ -63,6 +64,7 @@ where
 /// The HTTP preset for a reqwest client behind a [`StreamGuard`] (whose errors are boxed):
 /// statuses as for `reqwest::Response`, errors (a [`FirstTokenError`](super::FirstTokenError)
 /// included) by [`Errors::classify_error`](crate::classify::Errors::classify_error).
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 impl Classify<reqwest::Response, BoxError> for LlmHttp {
     fn classify(&self, result: &Result<reqwest::Response, BoxError>) -> Outcome {
         match result {
