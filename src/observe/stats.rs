@@ -30,6 +30,8 @@ struct KindCounters {
     failures: AtomicU64,
     /// Retries made after a failure of this kind.
     retries: AtomicU64,
+    /// What those retries cost (units of the cost budgets), where known.
+    retry_cost: AtomicU64,
     /// Calls that succeeded after their last failure was of this kind.
     recovered: AtomicU64,
     /// Calls that ran out of attempts or time (exhausted, deadline, hint too long).
@@ -280,12 +282,24 @@ impl RetryStats {
     }
 
     /// An attempt failed with `kind` and a retry was sent after `delay`.
-    pub(crate) fn record_retry(&self, handle: &OpHandle, kind: ErrorKind, delay: Duration) {
+    pub(crate) fn record_retry(
+        &self,
+        handle: &OpHandle,
+        kind: ErrorKind,
+        delay: Duration,
+        cost: u64,
+    ) {
         let _ = delay;
         self.with_handle(handle, Instant::now(), |op, bucket| {
             let k = &op.kinds[kind.index()];
             k.failures.fetch_add(1, Relaxed);
             k.retries.fetch_add(1, Relaxed);
+            if cost > 0 {
+                // Saturating: a counter that stops at the top, never wraps to a small sum.
+                let _ = k
+                    .retry_cost
+                    .fetch_update(Relaxed, Relaxed, |c| Some(c.saturating_add(cost)));
+            }
             bucket.retries.fetch_add(1, Relaxed);
             #[cfg(feature = "metrics")]
             {
@@ -297,6 +311,14 @@ impl RetryStats {
                 .increment(1);
                 metrics::histogram!("retry_delay_seconds", "operation" => op.name.clone())
                     .record(delay.as_secs_f64());
+                if cost > 0 {
+                    metrics::counter!(
+                        "retry_cost_total",
+                        "operation" => op.name.clone(),
+                        "error_kind" => kind.as_str()
+                    )
+                    .increment(cost);
+                }
             }
         });
     }

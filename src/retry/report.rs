@@ -23,6 +23,7 @@ pub(crate) fn info<Req>(call: &Call<Req>, outcome: CallOutcome, now: Instant) ->
         attempts: call.attempts,
         retries: call.attempts.saturating_sub(1),
         total_delay: call.total_delay(),
+        retry_cost: call.retry_cost(),
         elapsed: now.saturating_duration_since(call.started),
         key: call.key.clone(),
         last_error: call.last_kind,

@@ -15,7 +15,7 @@ use super::change::{ChangeRequest, RetryContext};
 use super::config::Config;
 use super::decide::{self, Decision};
 use super::report::{log_retry, stop, succeed};
-use crate::budget::{Acquire, RatioPermit, RetrySlot, Verdict};
+use crate::budget::{Acquire, Cost, RatioPermit, RetrySlot, Verdict};
 use crate::classify::{Classify, ErrorKind, Outcome};
 use crate::error::RetryError;
 use crate::observe::StopReason;
@@ -30,6 +30,8 @@ pub(crate) struct Wait<Req, Res, E> {
     failed: Result<Res, E>,
     kind: ErrorKind,
     permit: Option<RatioPermit>,
+    /// The cost of the retry being decided, if known.
+    cost: Option<u64>,
     step: Step,
 }
 
@@ -92,7 +94,7 @@ where
     retried.backoff = backoff;
     retried.delay = delay;
     let retry = call.attempts;
-    let (mut changed, mut task, mut user) = (false, None, None);
+    let (mut changed, mut task, mut user, mut cost) = (false, None, None, None);
     if let Some(next) = call.next.as_mut() {
         // Stamped now, so that the hook sees what will be sent.
         if let Some(key) = &call.key {
@@ -103,11 +105,13 @@ where
         changed = config.change.change(next, &result, &context);
         task = next.task_id(&config.names);
         user = next.user_id(&config.names);
+        // Only now, on the failure path: the success path never asks what a call costs.
+        cost = cost_of(config, next);
     }
     if let Some(reason) = decide::unchanged(kind, changed) {
         return Answered::Done(stop(config, call, Some(result), kind, reason));
     }
-    let (step, permit) = match config.budgets.acquire(task, user) {
+    let (step, permit) = match config.budgets.acquire(task, user, cost) {
         Acquire::Pending(verdict) => (Step::Acquiring(verdict, now), None),
         Acquire::Ready(verdict) => match decide::granted(verdict) {
             Ok(permit) => (start_wait(config, &mut call, delay), Some(permit)),
@@ -119,8 +123,18 @@ where
         failed: result,
         kind,
         permit,
+        cost,
         step,
     }))
+}
+
+/// The cost of the next attempt: its [`Cost`] extension, else the layer's closure.
+fn cost_of<Req: RetryRequest, C, H>(config: &Config<C, H>, next: &Req) -> Option<u64> {
+    let view = next.view();
+    match view.extensions.and_then(|e| e.get::<Cost>()) {
+        Some(cost) => Some(cost.0),
+        None => config.cost_fn.as_ref().and_then(|f| f(&view)),
+    }
 }
 
 impl<Req, Res, E> Wait<Req, Res, E> {
@@ -200,6 +214,7 @@ impl<Req, Res, E> Wait<Req, Res, E> {
             failed,
             kind,
             permit,
+            cost,
             ..
         } = self;
         let slot = match end {
@@ -223,13 +238,18 @@ impl<Req, Res, E> Wait<Req, Res, E> {
         }
         drop(failed);
         let delay = call.delay();
-        call.failed(&config.policy).slot = slot;
+        let retried = call.failed(&config.policy);
+        retried.slot = slot;
+        let cost = cost.unwrap_or(0);
+        retried.cost = retried.cost.saturating_add(cost);
         // Keep a copy for the attempt after this one, if one is allowed.
         if call.attempts < config.policy.max_retries() {
             call.next = request.try_clone();
         }
         // Counted now, not when decided: a retry refused on the way was never sent.
-        config.stats.record_retry(&call.op.handle, kind, delay);
+        config
+            .stats
+            .record_retry(&call.op.handle, kind, delay, cost);
         call.attempts += 1;
         Resumed::Calling(service.call(request), call)
     }

@@ -15,11 +15,7 @@ use tower_retry_guard::server::{
 // One suite of semantics, run against the memory stores and Redis.
 
 pub fn d(scope: Scope, key: &str, limit: Limit) -> Draw {
-    Draw {
-        scope,
-        key: key.to_owned(),
-        limit,
-    }
+    Draw::one(scope, key, limit)
 }
 
 pub fn count(max: u32, ttl: Duration) -> Limit {
@@ -32,7 +28,9 @@ pub const HOUR: Duration = Duration::from_secs(3600);
 pub fn show(g: Result<Grant, impl Debug>) -> String {
     match g {
         Ok(Grant::Granted) => "granted".into(),
-        Ok(Grant::Denied { scope, retry_in }) => match retry_in {
+        Ok(Grant::Denied {
+            scope, retry_in, ..
+        }) => match retry_in {
             Some(w) => format!("denied {scope} in {}s", w.as_secs_f64().round()),
             None => format!("denied {scope} never"),
         },
