@@ -205,3 +205,54 @@ async fn count_and_cost_limits_are_drawn_together() {
         (1, 1)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn reserve_then_settle_from_the_real_cost() {
+    // Retries are reserved at their worst case (prompt + max_tokens); once the caller
+    // knows what they cost (the responses' `usage`), it settles the difference.
+    let budgets = cost_only()
+        .task_cost(1_000, secs(3600))
+        .user_cost_rate(1_000, secs(3600));
+    let layer = RetryLayer::new()
+        .policy(retries(1))
+        .budgets(budgets.clone());
+    let mut svc = layer.layer(Scripted::per_call(
+        |_, attempt| if attempt == 0 { 503 } else { 200 },
+    ));
+
+    let res = send(&mut svc, request("t", Some("u"), Some(900)))
+        .await
+        .unwrap();
+    let reserved = info(&res).retry_cost;
+    assert_eq!(reserved, 900);
+    // Only 100 left: a second retry of 900 would be refused...
+    let denied = send(&mut svc, request("t", Some("u"), Some(900)))
+        .await
+        .unwrap();
+    assert!(matches!(
+        &info(&denied).outcome,
+        CallOutcome::Stopped(StopReason::Budget { .. })
+    ));
+    // ...but the first one really cost 150: 750 back to the task and the user.
+    budgets
+        .settle(Some("t"), Some("u"), reserved, 150)
+        .await
+        .unwrap();
+    let res = send(&mut svc, request("t", Some("u"), Some(850)))
+        .await
+        .unwrap();
+    assert_eq!(
+        (res.status(), info(&res).retries, info(&res).retry_cost),
+        (StatusCode::OK, 1, 850)
+    );
+    // A retry that cost more than reserved is charged, past the limit: the next is refused.
+    budgets.settle(Some("t"), None, 0, 500).await.unwrap();
+    let res = send(&mut svc, request("t", None, Some(1))).await.unwrap();
+    let CallOutcome::Stopped(StopReason::Budget { scope, limit, .. }) = &info(&res).outcome else {
+        panic!("expected a budget stop, got {:?}", info(&res).outcome);
+    };
+    assert_eq!(*scope, Scope::TaskCost);
+    assert!(limit.contains("0 left"), "{limit}");
+    // Nothing to settle: no store call, no error.
+    Budgets::none().settle(Some("t"), None, 5, 1).await.unwrap();
+}

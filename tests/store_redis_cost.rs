@@ -2,6 +2,8 @@
 //! concurrent decisions of random (seeded) cost on one task never spend more than its
 //! limit, and what is left afterwards is the limit minus what was granted, to the unit.
 //!
+//! Settling (a refund, a charge past the limit) does the same in memory and in Redis.
+//!
 //! Needs `redis-server` on the PATH (as `store_redis.rs`). Real time: nothing here sleeps.
 #![cfg(feature = "redis")]
 
@@ -25,6 +27,13 @@ async fn cost_limit_is_exact_under_races_in_redis() {
     for seed in [1, 2, 3] {
         cost_race_suite(server.store(&format!("cost{seed}:")), seed).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_refunds_and_charges_the_same_in_memory_and_in_redis() {
+    let server = RedisServer::start();
+    settle_suite(MemoryStore::new()).await;
+    settle_suite(server.store("settle:")).await;
 }
 
 #[cfg(feature = "redis-cluster")]

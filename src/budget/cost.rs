@@ -16,7 +16,7 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use super::{Budgets, Draw, Limit, Scope, budget_key};
+use super::{Budgets, Draw, Limit, Scope, StoreError, budget_key};
 
 /// What one attempt of a request costs, in the caller's units (tokens, micro-dollars).
 /// A request extension, read only when a retry of the request is considered.
@@ -30,6 +30,15 @@ use super::{Budgets, Draw, Limit, Scope, budget_key};
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Cost(pub u64);
+
+/// Which way a settlement goes ([`BudgetStore::settle`](super::BudgetStore::settle)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settle {
+    /// The retries cost less than was drawn: give the difference back.
+    Refund,
+    /// They cost more: charge the difference, past the limit if need be.
+    Charge,
+}
 
 impl Budgets {
     /// Retries of one task (its id as for [`Budgets::per_task`]) may spend at most `max`
@@ -75,6 +84,60 @@ impl Budgets {
     pub fn user_cost_limit(mut self, limit: Option<Limit>) -> Self {
         self.user_cost = limit;
         self
+    }
+
+    /// Settles the cost of retries once it is known. `reserved` is what was drawn for them
+    /// (a call's [`RetryInfo::retry_cost`](crate::RetryInfo::retry_cost)), `actual` what
+    /// they really cost (the `usage` of their responses, read by the caller): less, and
+    /// the difference goes back to the task's and the user's cost budgets; more, and it is
+    /// charged, past the limit if need be (it was spent: the next retries see it). Nothing
+    /// to do (equal, no cost limit, no id) is no store call.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_retry_guard::Budgets;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_retry_guard::budget::StoreError> {
+    /// let budgets = Budgets::none().task_cost(10_000, Duration::from_secs(3600));
+    /// // A retry was reserved at 8,000 tokens (prompt + max_tokens); its usage said 2,500.
+    /// budgets.settle(Some("task-1"), None, 8_000, 2_500).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// The store's, or its silence past [`Budgets::store_timeout`]: the budgets stay as
+    /// drawn (a reservation is the worst case, so a failed refund errs on the safe side).
+    pub async fn settle(
+        &self,
+        task: Option<&str>,
+        user: Option<&str>,
+        reserved: u64,
+        actual: u64,
+    ) -> Result<(), StoreError> {
+        let (how, amount) = match actual.cmp(&reserved) {
+            std::cmp::Ordering::Equal => return Ok(()),
+            std::cmp::Ordering::Less => (Settle::Refund, reserved - actual),
+            std::cmp::Ordering::Greater => (Settle::Charge, actual - reserved),
+        };
+        let mut draws = self.draws(
+            task.map(str::to_owned),
+            user.map(str::to_owned),
+            Some(amount),
+        );
+        draws.retain(|d| matches!(d.scope, Scope::TaskCost | Scope::UserCost) && d.limit.is_cost());
+        if draws.is_empty() {
+            return Ok(());
+        }
+        let timeout = self.store_timeout;
+        match tokio::time::timeout(timeout, self.store.settle(draws, how)).await {
+            Ok(answer) => answer,
+            Err(_) => Err(StoreError::new(format!(
+                "no answer to a cost settlement within {timeout:?}"
+            ))),
+        }
     }
 
     /// The store draws of one retry: task and its cost, user and its cost.

@@ -55,8 +55,8 @@ use std::sync::{Arc, Mutex};
 use dashmap::DashMap;
 use tokio::time::Instant;
 
-use super::slot::{Refusal, Slot, give_back, nanos, take};
-use super::{BudgetStore, Draw, Grant, Scope, StoreError};
+use super::slot::{Refusal, Slot, charge, give_back, nanos, take};
+use super::{BudgetStore, Draw, Grant, Scope, Settle, StoreError};
 
 /// The map is split into this many DashMaps, swept one at a time.
 pub(crate) const PARTITIONS: usize = 32;
@@ -310,6 +310,24 @@ impl BudgetStore for MemoryStore {
             }
         }
         Ok(Grant::Granted)
+    }
+
+    async fn settle(&self, draws: &[Draw], how: Settle) -> Result<(), StoreError> {
+        let now = self.now();
+        for d in draws.iter().filter(|d| d.limit.is_cost()) {
+            let key = self.key(d.scope, &d.key);
+            match how {
+                Settle::Refund => self.give_back_one(key, d),
+                Settle::Charge => {
+                    let entry = self
+                        .part(key)
+                        .entry(key)
+                        .or_insert_with(|| Mutex::new(Slot::EMPTY));
+                    charge(&mut lock(&entry), d.limit, d.amount, now);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

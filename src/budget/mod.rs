@@ -36,8 +36,8 @@ mod ratio_config;
 mod ring;
 mod slot;
 
-pub use self::cost::Cost;
 use self::cost::describe_denial;
+pub use self::cost::{Cost, Settle};
 pub(crate) use self::cost::{bucket, left_in_bucket};
 pub use self::draw::{Draw, Grant, Limit, Scope};
 pub(crate) use self::ids::budget_key;
@@ -66,6 +66,20 @@ pub trait BudgetStore: Clone + Send + Sync + 'static {
     /// Takes every draw or none: if any draw's key is at its limit, nothing is taken and the
     /// first refusing scope is returned. One call is one round trip for a remote store.
     fn draw(&self, draws: &[Draw]) -> impl Future<Output = Result<Grant, StoreError>> + Send;
+
+    /// Settles cost draws granted earlier ([`Budgets::settle`]): [`Settle::Refund`] gives
+    /// each draw's amount back, [`Settle::Charge`] takes it on top, past the limit if need
+    /// be (it was spent). Only [`Limit::Cost`] and [`Limit::CostRate`] draws are settled;
+    /// each key on its own (an adjustment, not a decision). The default says the store
+    /// cannot settle.
+    fn settle(
+        &self,
+        draws: &[Draw],
+        how: Settle,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (draws, how);
+        async { Err(StoreError::new("this budget store cannot settle costs")) }
+    }
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -74,12 +88,18 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// boxed future is paid only after a failure.
 trait DynStore: Send + Sync + 'static {
     fn draw(&self, draws: Vec<Draw>) -> BoxFuture<Result<Grant, StoreError>>;
+    fn settle(&self, draws: Vec<Draw>, how: Settle) -> BoxFuture<Result<(), StoreError>>;
 }
 
 impl<S: BudgetStore> DynStore for S {
     fn draw(&self, draws: Vec<Draw>) -> BoxFuture<Result<Grant, StoreError>> {
         let store = self.clone();
         Box::pin(async move { store.draw(&draws).await })
+    }
+
+    fn settle(&self, draws: Vec<Draw>, how: Settle) -> BoxFuture<Result<(), StoreError>> {
+        let store = self.clone();
+        Box::pin(async move { BudgetStore::settle(&store, &draws, how).await })
     }
 }
 

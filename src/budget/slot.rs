@@ -131,6 +131,36 @@ pub(super) fn take_gcra(
     Ok(())
 }
 
+/// Charges a cost draw on top of what `slot` holds, past its limit if need be (a
+/// settlement: the cost was spent). Count and rate limits are not charged.
+pub(super) fn charge(slot: &mut Slot, limit: Limit, amount: u64, now: u64) {
+    match limit {
+        Limit::Cost { ttl, .. } => {
+            if slot.kind != KIND_COST || slot.until <= now {
+                *slot = Slot {
+                    until: now,
+                    count: 0,
+                    kind: KIND_COST,
+                };
+            }
+            slot.count = slot.count.saturating_add(amount);
+            slot.until = now.saturating_add(nanos(ttl)).max(now.saturating_add(1));
+        }
+        Limit::CostRate { units, per, burst } => {
+            if slot.kind != KIND_COST_RATE {
+                *slot = Slot {
+                    until: now,
+                    count: 0,
+                    kind: KIND_COST_RATE,
+                };
+            }
+            let (t, _) = cost_gcra(units, per, burst, amount);
+            slot.until = slot.until.max(now).saturating_add(t);
+        }
+        Limit::Count { .. } | Limit::Rate { .. } => {}
+    }
+}
+
 /// Gives back a draw taken by [`take`].
 pub(super) fn give_back(slot: &mut Slot, limit: Limit, amount: u64) {
     match limit {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use ::redis::{Script, Value};
 
 use super::{RedisStore, micros, millis, store_error};
-use crate::budget::{BudgetStore, Draw, Grant, Limit, bucket, left_in_bucket};
+use crate::budget::{BudgetStore, Draw, Grant, Limit, Settle, bucket, left_in_bucket};
 use crate::store::StoreError;
 
 /// The longest GCRA emission interval, in µs (about 31 years: "never refills").
@@ -177,6 +177,40 @@ return 1
 
 static REFUND: LazyLock<Script> = LazyLock::new(|| Script::new(REFUND_LUA));
 
+/// Charges each draw on top, past its limit (a settlement: the cost was spent), in the
+/// layout of [`DRAW_LUA`]: a sum grows by the amount (its expiry renewed); a rate's arrival
+/// time moves on by the draw's interval.
+const CHARGE_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i = 1, #KEYS do
+  local k = KEYS[i]
+  local base = (i - 1) * 5
+  local cur = 0
+  local raw = redis.call('GET', k)
+  if raw then
+    cur = tonumber(raw)
+    if cur == nil then
+      return redis.error_reply('malformed budget value at ' .. k)
+    end
+  end
+  local v
+  local px
+  if ARGV[base + 1] == 'c' then
+    v = cur + tonumber(ARGV[base + 5])
+    px = tonumber(ARGV[base + 3])
+  else
+    v = math.max(cur, now) + tonumber(ARGV[base + 2])
+    px = math.ceil((v - now) / 1000)
+  end
+  if px < 1 then px = 1 end
+  redis.call('SET', k, string.format('%.0f', v), 'PX', string.format('%.0f', px))
+end
+return 1
+"#;
+
+static CHARGE: LazyLock<Script> = LazyLock::new(|| Script::new(CHARGE_LUA));
+
 /// The draws of one decision that share a slot: their indices in the decision, their keys.
 struct Group {
     draws: Vec<usize>,
@@ -309,7 +343,43 @@ impl BudgetStore for RedisStore {
         if draws.is_empty() {
             return Ok(Grant::Granted);
         }
-        // Group the draws by slot (one group on a single node, or when they share a tag).
+        let mut groups = self.groups(draws);
+        if groups.len() > 1 {
+            return self.draw_split(draws, groups).await;
+        }
+        let Some(group) = groups.pop() else {
+            return Ok(Grant::Granted);
+        };
+        // One slot: one script call, all or nothing inside Redis.
+        let value = self.run("budget draw", &DRAW, draws, &group).await?;
+        parse_grant(&value, draws)
+    }
+
+    async fn settle(&self, draws: &[Draw], how: Settle) -> Result<(), StoreError> {
+        let draws: Vec<Draw> = draws
+            .iter()
+            .filter(|d| d.limit.is_cost())
+            .cloned()
+            .collect();
+        let (what, script) = match how {
+            Settle::Refund => ("budget refund", &*REFUND),
+            Settle::Charge => ("budget charge", &*CHARGE),
+        };
+        let groups = self.groups(&draws);
+        let answers = join_all(
+            groups
+                .iter()
+                .map(|g| Box::pin(self.run(what, script, &draws, g)) as _)
+                .collect(),
+        )
+        .await;
+        answers.into_iter().try_for_each(|a| a.map(drop))
+    }
+}
+
+impl RedisStore {
+    /// The draws grouped by slot (one group on a single node, or when they share a tag).
+    fn groups(&self, draws: &[Draw]) -> Vec<Group> {
         let mut groups: Vec<(Option<String>, Group)> = Vec::new();
         for (i, d) in draws.iter().enumerate() {
             let (key, tag) = self.budget_key(d);
@@ -327,16 +397,7 @@ impl BudgetStore for RedisStore {
                 )),
             }
         }
-        let mut groups: Vec<Group> = groups.into_iter().map(|(_, g)| g).collect();
-        if groups.len() > 1 {
-            return self.draw_split(draws, groups).await;
-        }
-        let Some(group) = groups.pop() else {
-            return Ok(Grant::Granted);
-        };
-        // One slot: one script call, all or nothing inside Redis.
-        let value = self.run("budget draw", &DRAW, draws, &group).await?;
-        parse_grant(&value, draws)
+        groups.into_iter().map(|(_, g)| g).collect()
     }
 }
 

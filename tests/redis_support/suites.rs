@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tower_retry_guard::IdempotencyKey;
-use tower_retry_guard::budget::{BudgetStore, Draw, Grant, Limit, Scope};
+use tower_retry_guard::budget::{BudgetStore, Draw, Grant, Limit, Scope, StoreError};
 use tower_retry_guard::server::{
     Begin, Claim, ClaimToken, Fingerprint, IdempotencyStore, ScopedKey, Stored,
 };
@@ -599,5 +599,45 @@ pub async fn cost_race_suite<S: BudgetStore>(s: S, seed: u64) {
             }) => assert_eq!(refused, scope),
             other => panic!("{scope} {id}: nothing should be left, got {other:?}"),
         }
+    }
+}
+
+/// Settling cost draws: a refund makes room, a charge goes past the limit.
+pub async fn settle_suite<S: BudgetStore>(s: S) {
+    use tower_retry_guard::budget::Settle;
+    let task = |amount| Draw {
+        amount,
+        ..d(
+            Scope::TaskCost,
+            "settle-t",
+            Limit::Cost {
+                max: 1_000,
+                ttl: HOUR,
+            },
+        )
+    };
+    let user = |amount| Draw {
+        amount,
+        ..race_draws("", "settle-u", 0)[2].clone()
+    };
+    let left = |g: Result<Grant, StoreError>| match g {
+        Ok(Grant::Denied { left, .. }) => left,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    for (what, of, max) in [
+        ("task", &task as &dyn Fn(u64) -> Draw, 1_000),
+        ("user", &user, RACE_USER_BURST),
+    ] {
+        assert_eq!(s.draw(&[of(600)]).await, Ok(Grant::Granted), "{what}");
+        assert_eq!(left(s.draw(&[of(max)]).await), Some(max - 600), "{what}");
+        // Reserved 600, cost 200: 400 back.
+        assert_eq!(s.settle(&[of(400)], Settle::Refund).await, Ok(()), "{what}");
+        assert_eq!(s.draw(&[of(max - 200)]).await, Ok(Grant::Granted), "{what}");
+        assert_eq!(left(s.draw(&[of(1)]).await), Some(0), "{what}");
+        // Cost more than reserved: charged past the limit, and given back exactly.
+        assert_eq!(s.settle(&[of(300)], Settle::Charge).await, Ok(()), "{what}");
+        assert_eq!(s.settle(&[of(500)], Settle::Refund).await, Ok(()), "{what}");
+        assert_eq!(left(s.draw(&[of(201)]).await), Some(200), "{what}");
+        assert_eq!(s.draw(&[of(200)]).await, Ok(Grant::Granted), "{what}");
     }
 }
