@@ -11,7 +11,7 @@ pub enum Scope {
     Task,
     /// Every call made for the same user id.
     User,
-    /// Every call through the layers that share one [`Budgets`] (the process-wide ratio).
+    /// Every call through the layers that share one [`Budgets`](super::Budgets) (the process-wide ratio).
     Process,
     /// Retries pending at once, against calls active at once ([`InFlightCap`](super::InFlightCap)).
     InFlight,

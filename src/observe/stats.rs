@@ -80,7 +80,7 @@ impl OpStats {
 
 /// Shared, cheap-to-clone retry statistics: per operation and error kind, how many calls,
 /// retries, recoveries, exhaustions, budget denials and refusals, with windowed rates over
-/// the last minute and ten minutes and a [`Health`] verdict.
+/// the last minute and ten minutes and a [`Health`](crate::Health) verdict.
 ///
 /// At most [`RetryStats::DEFAULT_MAX_OPERATIONS`] operations are tracked (or the number given to
 /// [`RetryStats::with_max_operations`]); the calls of any further operation are counted
