@@ -50,7 +50,12 @@ pub(crate) fn refused<C, H>(config: &Config<C, H>, op: &OpName, invalid: Invalid
 }
 
 /// A retry is granted: the WARN event.
-pub(crate) fn log_retry<Req, C, H>(config: &Config<C, H>, call: &Call<Req>, delay: Duration) {
+pub(crate) fn log_retry<Req, C, H>(
+    config: &Config<C, H>,
+    call: &Call<Req>,
+    delay: Duration,
+    cost: Option<u64>,
+) {
     let kind = call.last_kind.unwrap_or(ErrorKind::Other);
     tracing::warn!(
         target: "tower_retry_guard",
@@ -66,6 +71,7 @@ pub(crate) fn log_retry<Req, C, H>(config: &Config<C, H>, call: &Call<Req>, dela
             .saturating_duration_since(Instant::now() + delay)
             .as_millis() as u64,
         key = call.key.as_ref().map(|k| k.as_str()),
+        cost,
         "retrying"
     );
 }

@@ -114,7 +114,7 @@ where
     let (step, permit) = match config.budgets.acquire(task, user, cost) {
         Acquire::Pending(verdict) => (Step::Acquiring(verdict, now), None),
         Acquire::Ready(verdict) => match decide::granted(verdict) {
-            Ok(permit) => (start_wait(config, &mut call, delay), Some(permit)),
+            Ok(permit) => (start_wait(config, &mut call, delay, cost), Some(permit)),
             Err(reason) => return Answered::Done(stop(config, call, Some(result), kind, reason)),
         },
     };
@@ -162,7 +162,7 @@ impl<Req, Res, E> Wait<Req, Res, E> {
                     }) {
                         Ok(permit) => {
                             self.permit = Some(permit);
-                            self.step = start_wait(config, &mut self.call, delay);
+                            self.step = start_wait(config, &mut self.call, delay, self.cost);
                         }
                         Err(reason) => return Poll::Ready(End::Stop(reason)),
                     }
@@ -265,11 +265,16 @@ pub(crate) enum Resumed<F, Req, Res, E> {
 
 /// The retry is granted: say so, then sleep (or go straight on for a zero delay: tokio's
 /// timer rounds every sleep up to its 1 ms tick).
-fn start_wait<Req, C, H>(config: &Config<C, H>, call: &mut Call<Req>, delay: Duration) -> Step {
+fn start_wait<Req, C, H>(
+    config: &Config<C, H>,
+    call: &mut Call<Req>,
+    delay: Duration,
+    cost: Option<u64>,
+) -> Step {
     let retried = call.failed(&config.policy);
     retried.total_delay += delay;
     retried.delay = delay;
-    log_retry(config, call, delay);
+    log_retry(config, call, delay, cost);
     if delay.is_zero() {
         Step::Ready
     } else {
