@@ -89,6 +89,11 @@ async fn retry_denied_by_the_task_cost_budget_names_it_and_what_was_left() {
     assert_eq!(totals.retry_cost, 1_000);
     assert_eq!(totals.denied(Scope::TaskCost), 2);
     assert_eq!(totals.denied(Scope::Task), 0);
+    let table = stats.to_string();
+    assert!(
+        table.contains("retry cost") && table.contains("1000  (units of the cost budgets"),
+        "{table}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
