@@ -261,3 +261,34 @@ async fn reserve_then_settle_from_the_real_cost() {
     // Nothing to settle: no store call, no error.
     Budgets::none().settle(Some("t"), None, 5, 1).await.unwrap();
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_guarded_call_draws_its_cost_too() {
+    use tower_retry_guard::{Call, Guard};
+    let guard = Guard::new(
+        RetryLayer::new()
+            .policy(retries(3))
+            .budgets(cost_only().task_cost(1_000, secs(3600))),
+    );
+    let attempts = AtomicU32::new(0);
+    let attempts_ref = &attempts;
+    let err = guard
+        .run(
+            Call::new("summarize").read_only().task("t").cost(600),
+            |_| async move {
+                attempts_ref.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(std::io::Error::from(std::io::ErrorKind::TimedOut))
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(attempts.load(Ordering::SeqCst), 2);
+    assert_eq!(err.info().retry_cost, 600);
+    assert!(matches!(
+        err.reason(),
+        StopReason::Budget {
+            scope: Scope::TaskCost,
+            ..
+        }
+    ));
+}

@@ -15,7 +15,7 @@ use super::change::{ChangeRequest, RetryContext};
 use super::config::Config;
 use super::decide::{self, Decision};
 use super::report::{log_retry, stop, succeed};
-use crate::budget::{Acquire, Cost, RatioPermit, RetrySlot, Verdict};
+use crate::budget::{Acquire, RatioPermit, RetrySlot, Verdict};
 use crate::classify::{Classify, ErrorKind, Outcome};
 use crate::error::RetryError;
 use crate::observe::StopReason;
@@ -128,13 +128,11 @@ where
     }))
 }
 
-/// The cost of the next attempt: its [`Cost`] extension, else the layer's closure.
+/// The cost of the next attempt: the request's own (its `Cost` extension), else the
+/// layer's closure.
 fn cost_of<Req: RetryRequest, C, H>(config: &Config<C, H>, next: &Req) -> Option<u64> {
-    let view = next.view();
-    match view.extensions.and_then(|e| e.get::<Cost>()) {
-        Some(cost) => Some(cost.0),
-        None => config.cost_fn.as_ref().and_then(|f| f(&view)),
-    }
+    next.cost()
+        .or_else(|| config.cost_fn.as_ref().and_then(|f| f(&next.view())))
 }
 
 impl<Req, Res, E> Wait<Req, Res, E> {
