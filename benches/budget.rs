@@ -119,6 +119,7 @@ fn targets(n: usize) -> Vec<(&'static str, Box<dyn Target>)> {
             .iter()
             .map(|k| {
                 [Draw {
+                    amount: 1,
                     scope: Scope::User,
                     key: k.clone(),
                     limit: LIMIT,

@@ -87,6 +87,7 @@ fn draws() -> [Draw; 2] {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     [
         Draw {
+            amount: 1,
             scope: Scope::Task,
             key: format!("task-{}", n % 1000),
             limit: Limit::Count {
@@ -95,6 +96,7 @@ fn draws() -> [Draw; 2] {
             },
         },
         Draw {
+            amount: 1,
             scope: Scope::User,
             key: format!("user-{}", n % 100),
             limit: Limit::Rate {

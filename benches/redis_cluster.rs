@@ -35,6 +35,7 @@ static NEXT: AtomicU64 = AtomicU64::new(0);
 fn draws(with_user: bool) -> Vec<Draw> {
     let n = NEXT.fetch_add(1, Ordering::Relaxed);
     let mut d = vec![Draw {
+        amount: 1,
         scope: Scope::Task,
         key: format!("task-{}", n % 1000),
         limit: Limit::Count {
@@ -44,6 +45,7 @@ fn draws(with_user: bool) -> Vec<Draw> {
     }];
     if with_user {
         d.push(Draw {
+            amount: 1,
             scope: Scope::User,
             key: format!("user-{}", n % 100),
             limit: Limit::Rate {

@@ -18,7 +18,9 @@
 //!    the first attempt and sends the same one on every retry. The provider side,
 //!    `server::IdempotencyLayer`, deduplicates on it.
 //! 4. **Budgets.** Per task (5 retries), per user (a rate) and a process-wide retry ratio that
-//!    stops retry storms yet lets retries through while they work: [`Budgets`].
+//!    stops retry storms yet lets retries through while they work: [`Budgets`]. Optionally
+//!    the cost of retries too, in tokens or money, per task and per user
+//!    ([`Budgets::task_cost`], [`budget::Cost`]).
 //! 5. **No retry that changes nothing.** An [`ErrorKind::OutputInvalid`] failure is retried
 //!    only when [`RetryLayer::on_retry`] changes the request; otherwise it surfaces.
 //! 6. **Visible.** Every retry is a `tracing` event; [`RetryStats`] tells which operation
@@ -76,7 +78,8 @@
 //! 3. delay = max(backoff, hint); within the hint cap and the deadline?
 //! 4. an output failure is retried only if the change hook
 //!    ([`ChangeRequest`](retry::ChangeRequest)) changed the request;
-//! 5. the process retry ratio (an atomic), then the task and user budgets in one store call;
+//! 5. the process retry ratio (an atomic), then the task and user budgets (counts and costs)
+//!    in one store call;
 //! 6. record (tracing event + stats), sleep, call again with the same key.
 //!
 //! Steps 1–3 are one pure function (`src/retry/decide.rs`), where every reason to stop is

@@ -368,6 +368,17 @@ pub trait RetryRequest: Sized {
     fn user_id(&self, names: &HeaderNames) -> Option<String> {
         id_from_view(self.view(), &names.user_id, |u: &UserId| u.0.clone())
     }
+
+    /// What one attempt costs, for the cost budgets (by default the
+    /// [`Cost`](crate::budget::Cost) extension; else the layer's
+    /// [`cost_fn`](crate::RetryLayer::cost_fn) is asked). Called only when a retry is
+    /// considered.
+    fn cost(&self) -> Option<u64> {
+        self.view()
+            .extensions
+            .and_then(|e| e.get::<crate::budget::Cost>())
+            .map(|c| c.0)
+    }
 }
 
 fn id_from_view<T: Send + Sync + 'static>(

@@ -152,6 +152,7 @@ async fn per_user_rate_refills_with_virtual_time() {
     // The store directly: burst 2, then one token per 10 s.
     let store = MemoryStore::new();
     let d = [Draw {
+        amount: 1,
         scope: Scope::User,
         key: "u2".to_owned(),
         limit: Limit::Rate {
@@ -166,7 +167,8 @@ async fn per_user_rate_refills_with_virtual_time() {
         store.draw(&d).await,
         Ok(Grant::Denied {
             scope: Scope::User,
-            retry_in: Some(Duration::from_secs(10))
+            retry_in: Some(Duration::from_secs(10)),
+            left: Some(0),
         })
     );
     tokio::time::advance(Duration::from_secs(5)).await;
@@ -226,6 +228,7 @@ async fn racing_draws_on_one_key_grant_exactly_the_limit() {
         let granted = granted.clone();
         tasks.push(tokio::spawn(async move {
             let d = [Draw {
+                amount: 1,
                 scope: Scope::Task,
                 key: "hot".to_owned(),
                 limit,
@@ -253,11 +256,13 @@ async fn two_keys_in_opposite_orders_neither_deadlock_nor_overdraw() {
         ttl: Duration::from_secs(3600),
     };
     let task = Draw {
+        amount: 1,
         scope: Scope::Task,
         key: "t".to_owned(),
         limit,
     };
     let user = Draw {
+        amount: 1,
         scope: Scope::User,
         key: "u".to_owned(),
         limit,
@@ -309,6 +314,7 @@ async fn idle_keys_are_swept_after_their_ttl() {
     };
     for i in 0..100_000 {
         let d = [Draw {
+            amount: 1,
             scope: Scope::User,
             key: format!("user-{i}"),
             limit,
@@ -319,6 +325,7 @@ async fn idle_keys_are_swept_after_their_ttl() {
     tokio::time::advance(Duration::from_secs(61)).await;
     // Draws on one live key sweep the map a partition at a time.
     let live = [Draw {
+        amount: 1,
         scope: Scope::User,
         key: "live".to_owned(),
         limit: Limit::Rate {

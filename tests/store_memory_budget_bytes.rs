@@ -56,6 +56,7 @@ fn under_128_bytes_per_tracked_key() {
         let draws: Vec<[Draw; 1]> = (0..KEYS)
             .map(|i| {
                 [Draw {
+                    amount: 1,
                     scope: Scope::User,
                     key: format!("user-{i:08}"),
                     limit,

@@ -6,7 +6,7 @@
 //! store), not as a string: no allocation per key, 16 bytes instead of the
 //! id. Two ids collide with a probability of about n²/2¹²⁹ (10⁻²⁶ for a million keys), and
 //! the random keys make collisions impossible to aim for. Each entry is the hash and a
-//! 24-byte state (a `Mutex` around the count and a deadline) — 40 bytes in the table, about
+//! 32-byte state (a `Mutex` around the count or cost sum and a deadline) — 48 bytes in the table, about
 //! 45–95 bytes per tracked key with the table's free slots (measured by
 //! `tests/store_memory_budget_bytes.rs`).
 //!
@@ -18,6 +18,12 @@
 //!   "theoretical arrival time" `tat`; a draw is granted when `max(tat, now) + T - now <=
 //!   burst * T` (with `T = per / tokens`), and `tat` moves to `max(tat, now) + T`. The bucket
 //!   is full again once `tat <= now`.
+//!
+//! - [`Limit::Cost`]: as a count, of units: a draw of `amount` fits if the sum stays within
+//!   `max`.
+//! - [`Limit::CostRate`]: GCRA as a rate, one unit taking `per / units` (rounded up to
+//!   whole nanoseconds: the burst is exact, the refill never faster than the rate); a draw
+//!   moves `tat` by `amount` such times, within `burst` of them.
 //!
 //! Both keep one deadline: past it, the key holds nothing worth keeping.
 //!
@@ -45,12 +51,12 @@ use std::fmt;
 use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use dashmap::DashMap;
 use tokio::time::Instant;
 
-use super::{BudgetStore, Draw, Grant, Limit, Scope, StoreError};
+use super::slot::{Refusal, Slot, charge, give_back, nanos, take};
+use super::{BudgetStore, Draw, Grant, Scope, Settle, StoreError};
 
 /// The map is split into this many DashMaps, swept one at a time.
 pub(crate) const PARTITIONS: usize = 32;
@@ -96,101 +102,8 @@ impl Hasher for PassThrough {
     }
 }
 
-const KIND_COUNT: u8 = 1;
-const KIND_RATE: u8 = 2;
-
-/// One key's state.
-#[derive(Clone, Copy)]
-struct Slot {
-    /// Nanoseconds since the store's start: the count's expiry ([`Limit::Count`]) or the
-    /// theoretical arrival time ([`Limit::Rate`]). The key is dead once `until <= now`.
-    until: u64,
-    /// Draws counted ([`Limit::Count`]).
-    count: u32,
-    /// Which limit wrote it (a key whose limit changed kind starts afresh).
-    kind: u8,
-}
-
-impl Slot {
-    const EMPTY: Slot = Slot {
-        until: 0,
-        count: 0,
-        kind: 0,
-    };
-}
-
 type Entry = Mutex<Slot>;
 type Partition = DashMap<Key, Entry, BuildHasherDefault<PassThrough>>;
-
-fn nanos(d: Duration) -> u64 {
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
-}
-
-/// The rate limit's emission interval `T` and tolerance `burst * T`, in nanoseconds.
-fn gcra(tokens: u32, per: Duration, burst: u32) -> (u64, u64) {
-    let t = if tokens == 0 {
-        // Never refills: an interval beyond any lifetime.
-        u64::MAX / 4
-    } else {
-        (nanos(per) / u64::from(tokens)).max(1)
-    };
-    (t, t.saturating_mul(u64::from(burst)))
-}
-
-/// Takes one draw from `slot` at `now`, or says when one may be possible.
-fn take(slot: &mut Slot, limit: Limit, now: u64) -> Result<(), Option<Duration>> {
-    match limit {
-        Limit::Count { max, ttl } => {
-            if slot.kind != KIND_COUNT || slot.until <= now {
-                *slot = Slot {
-                    until: now,
-                    count: 0,
-                    kind: KIND_COUNT,
-                };
-            }
-            if slot.count >= max {
-                let wait = Duration::from_nanos(slot.until.saturating_sub(now));
-                return Err((max > 0).then_some(wait));
-            }
-            slot.count += 1;
-            slot.until = now.saturating_add(nanos(ttl)).max(now.saturating_add(1));
-            Ok(())
-        }
-        Limit::Rate { tokens, per, burst } => {
-            if slot.kind != KIND_RATE {
-                *slot = Slot {
-                    until: now,
-                    count: 0,
-                    kind: KIND_RATE,
-                };
-            }
-            let (t, tolerance) = gcra(tokens, per, burst);
-            let next = slot.until.max(now).saturating_add(t);
-            let ahead = next - now;
-            if burst == 0 || ahead > tolerance {
-                let wait = Duration::from_nanos(ahead - tolerance.min(ahead));
-                return Err((burst > 0 && tokens > 0).then_some(wait));
-            }
-            slot.until = next;
-            Ok(())
-        }
-    }
-}
-
-/// Gives back a draw taken by [`take`].
-fn give_back(slot: &mut Slot, limit: Limit) {
-    match limit {
-        Limit::Count { .. } if slot.kind == KIND_COUNT => {
-            // The extended deadline stays: a key kept a little longer is harmless.
-            slot.count = slot.count.saturating_sub(1);
-        }
-        Limit::Rate { tokens, per, burst } if slot.kind == KIND_RATE => {
-            let (t, _) = gcra(tokens, per, burst);
-            slot.until = slot.until.saturating_sub(t);
-        }
-        _ => {}
-    }
-}
 
 struct Inner {
     parts: Box<[Partition]>,
@@ -281,6 +194,8 @@ impl MemoryStore {
             Scope::User => 3,
             Scope::Process => 4,
             Scope::InFlight => 5,
+            Scope::TaskCost => 6,
+            Scope::UserCost => 7,
         };
         let h = xxhash_rust::xxh3::xxh3_128_with_seed(
             id.as_bytes(),
@@ -297,14 +212,15 @@ impl MemoryStore {
     }
 
     /// Takes one draw on `key`; never holds more than one lock.
-    fn take_one(&self, key: Key, limit: Limit, now: u64) -> Result<(), Option<Duration>> {
+    fn take_one(&self, key: Key, d: &Draw, now: u64) -> Result<(), Refusal> {
+        let (limit, amount) = (d.limit, d.amount);
         let part = self.part(key);
         if let Some(entry) = part.get(&key) {
-            return take(&mut lock(&entry), limit, now);
+            return take(&mut lock(&entry), limit, amount, now);
         }
         // A new key: decide on a fresh slot first, so that a refusal inserts nothing.
         let mut fresh = Slot::EMPTY;
-        take(&mut fresh, limit, now)?;
+        take(&mut fresh, limit, amount, now)?;
         let entry = part.entry(key).or_insert_with(|| Mutex::new(Slot::EMPTY));
         let mut slot = lock(&entry);
         if slot.kind == 0 {
@@ -312,13 +228,13 @@ impl MemoryStore {
             Ok(())
         } else {
             // Someone else inserted it in between: draw on theirs.
-            take(&mut slot, limit, now)
+            take(&mut slot, limit, amount, now)
         }
     }
 
-    fn give_back_one(&self, key: Key, limit: Limit) {
+    fn give_back_one(&self, key: Key, d: &Draw) {
         if let Some(entry) = self.part(key).get(&key) {
-            give_back(&mut lock(&entry), limit);
+            give_back(&mut lock(&entry), d.limit, d.amount);
         }
     }
 
@@ -382,17 +298,36 @@ impl BudgetStore for MemoryStore {
         // Bounded by the draws of one call (at most one per scope).
         for (i, d) in draws.iter().enumerate() {
             let key = self.key(d.scope, &d.key);
-            if let Err(retry_in) = self.take_one(key, d.limit, now) {
+            if let Err((retry_in, left)) = self.take_one(key, d, now) {
                 for prev in &draws[..i] {
-                    self.give_back_one(self.key(prev.scope, &prev.key), prev.limit);
+                    self.give_back_one(self.key(prev.scope, &prev.key), prev);
                 }
                 return Ok(Grant::Denied {
                     scope: d.scope,
                     retry_in,
+                    left,
                 });
             }
         }
         Ok(Grant::Granted)
+    }
+
+    async fn settle(&self, draws: &[Draw], how: Settle) -> Result<(), StoreError> {
+        let now = self.now();
+        for d in draws.iter().filter(|d| d.limit.is_cost()) {
+            let key = self.key(d.scope, &d.key);
+            match how {
+                Settle::Refund => self.give_back_one(key, d),
+                Settle::Charge => {
+                    let entry = self
+                        .part(key)
+                        .entry(key)
+                        .or_insert_with(|| Mutex::new(Slot::EMPTY));
+                    charge(&mut lock(&entry), d.limit, d.amount, now);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -1,12 +1,10 @@
 //! Unit tests of the memory store.
 use super::*;
+use crate::budget::Limit;
+use std::time::Duration;
 
 fn draw(scope: Scope, key: &str, limit: Limit) -> Draw {
-    Draw {
-        scope,
-        key: key.to_owned(),
-        limit,
-    }
+    Draw::one(scope, key, limit)
 }
 
 const COUNT: Limit = Limit::Count {
@@ -16,7 +14,7 @@ const COUNT: Limit = Limit::Count {
 
 #[test]
 fn entry_is_compact() {
-    assert_eq!(std::mem::size_of::<(Key, Entry)>(), 40);
+    assert_eq!(std::mem::size_of::<(Key, Entry)>(), 48);
 }
 
 #[tokio::test(start_paused = true)]
@@ -26,11 +24,17 @@ async fn count_expires_after_ttl_since_last_draw() {
     assert_eq!(s.draw(&d).await, Ok(Grant::Granted));
     tokio::time::advance(Duration::from_secs(30)).await;
     assert_eq!(s.draw(&d).await, Ok(Grant::Granted));
-    let Ok(Grant::Denied { scope, retry_in }) = s.draw(&d).await else {
+    let Ok(Grant::Denied {
+        scope,
+        retry_in,
+        left,
+    }) = s.draw(&d).await
+    else {
         panic!("third draw granted")
     };
     assert_eq!(scope, Scope::Task);
     assert_eq!(retry_in, Some(Duration::from_secs(60)));
+    assert_eq!(left, Some(0));
     // 60 s after the first draw, but only 30 s after the last: still counted.
     tokio::time::advance(Duration::from_secs(30)).await;
     assert!(matches!(s.draw(&d).await, Ok(Grant::Denied { .. })));
@@ -86,8 +90,59 @@ async fn refused_new_key_is_not_stored() {
         s.draw(&[draw(Scope::Task, "t", zero)]).await,
         Ok(Grant::Denied {
             scope: Scope::Task,
-            retry_in: None
+            retry_in: None,
+            left: Some(0),
         })
     );
     assert!(s.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn cost_sum_takes_amounts_and_says_what_is_left() {
+    let s = MemoryStore::new();
+    let limit = Limit::Cost {
+        max: 100,
+        ttl: Duration::from_secs(60),
+    };
+    let of = |amount| Draw {
+        amount,
+        ..draw(Scope::TaskCost, "t", limit)
+    };
+    assert_eq!(s.draw(&[of(70)]).await, Ok(Grant::Granted));
+    assert_eq!(
+        s.draw(&[of(40)]).await,
+        Ok(Grant::Denied {
+            scope: Scope::TaskCost,
+            retry_in: Some(Duration::from_secs(60)),
+            left: Some(30),
+        })
+    );
+    assert_eq!(s.draw(&[of(30)]).await, Ok(Grant::Granted));
+    // More than the limit ever allows: no wait helps.
+    assert!(matches!(
+        s.draw(&[of(101)]).await,
+        Ok(Grant::Denied { retry_in: None, .. })
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn cost_rate_refills_in_units() {
+    let s = MemoryStore::new();
+    let limit = Limit::CostRate {
+        units: 1000,
+        per: Duration::from_secs(1),
+        burst: 1000,
+    };
+    let of = |amount| Draw {
+        amount,
+        ..draw(Scope::UserCost, "u", limit)
+    };
+    assert_eq!(s.draw(&[of(800)]).await, Ok(Grant::Granted));
+    let Ok(Grant::Denied { left, retry_in, .. }) = s.draw(&[of(300)]).await else {
+        panic!("300 of 200 left granted")
+    };
+    assert_eq!(left, Some(200));
+    assert_eq!(retry_in, Some(Duration::from_millis(100)));
+    tokio::time::advance(Duration::from_millis(100)).await;
+    assert_eq!(s.draw(&[of(300)]).await, Ok(Grant::Granted));
 }

@@ -8,6 +8,8 @@
 //! | [`Scope::Task`] | 5 retry events per task id, forgotten 1 h after the task's last retry | the [`BudgetStore`] |
 //! | [`Scope::User`] | 60 retries a minute per user id, bursts of 10 | the [`BudgetStore`] |
 //! | [`Scope::InFlight`] | retries being sent at once <= max(3, 20% of active calls) ([`InFlightCap`]) | this process |
+//! | [`Scope::TaskCost`] | off; [`Budgets::task_cost`]: at most N units of retry cost per task id | the [`BudgetStore`] |
+//! | [`Scope::UserCost`] | off; [`Budgets::user_cost_rate`]: N units of retry cost per period per user id | the [`BudgetStore`] |
 //! | [`Scope::Process`] | retries <= 10% of calls over 10 s while retries fail, up to 150% while they succeed ([`RatioConfig`]) | this process |
 //!
 //! A request without a task id (or user id) is not charged to that scope. A request that
@@ -23,6 +25,8 @@
 //! counted (not refunding keeps a task that cancels and re-issues calls from escaping its
 //! budget).
 
+mod cost;
+mod draw;
 mod ids;
 mod in_flight;
 mod memory;
@@ -30,7 +34,12 @@ mod permit;
 mod ratio;
 mod ratio_config;
 mod ring;
+mod slot;
 
+use self::cost::describe_denial;
+pub use self::cost::{Cost, Settle};
+pub(crate) use self::cost::{bucket, left_in_bucket};
+pub use self::draw::{Draw, Grant, Limit, Scope};
 pub(crate) use self::ids::budget_key;
 use self::in_flight::InFlight;
 pub use self::in_flight::InFlightCap;
@@ -49,109 +58,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Which budget.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-#[non_exhaustive]
-pub enum Scope {
-    /// Every call that carries the same task id.
-    Task,
-    /// Every call made for the same user id.
-    User,
-    /// Every call through the layers that share one [`Budgets`] (the process-wide ratio).
-    Process,
-    /// Retries pending at once, against calls active at once ([`InFlightCap`]).
-    InFlight,
-}
-
-impl Scope {
-    /// How many scopes there are.
-    pub(crate) const COUNT: usize = 4;
-
-    /// The scope's place in per-scope counters.
-    pub(crate) const fn index(self) -> usize {
-        match self {
-            Scope::Task => 0,
-            Scope::User => 1,
-            Scope::Process => 2,
-            Scope::InFlight => 3,
-        }
-    }
-
-    /// A short, stable name: `task`, `user`, `process`, `in_flight`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Scope::Task => "task",
-            Scope::User => "user",
-            Scope::Process => "process",
-            Scope::InFlight => "in_flight",
-        }
-    }
-}
-
-impl fmt::Display for Scope {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-/// A limit on one key of a scope.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Limit {
-    /// At most `max` draws; the count is forgotten `ttl` after the key's last draw.
-    Count {
-        /// Draws allowed.
-        max: u32,
-        /// How long an idle count is kept.
-        ttl: Duration,
-    },
-    /// A token bucket: `tokens` every `per`, holding at most `burst`. An idle key is
-    /// forgotten once its bucket is full again.
-    Rate {
-        /// Tokens added every `per`.
-        tokens: u32,
-        /// The refill period.
-        per: Duration,
-        /// The bucket's size (and the starting balance).
-        burst: u32,
-    },
-}
-
-impl fmt::Display for Limit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            Limit::Count { max, ttl } => write!(f, "at most {max} retries, kept {ttl:?}"),
-            Limit::Rate { tokens, per, burst } => {
-                write!(f, "{tokens} retries per {per:?}, burst {burst}")
-            }
-        }
-    }
-}
-
-/// One draw of one retry from one scope's key.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Draw {
-    /// The scope.
-    pub scope: Scope,
-    /// The key within the scope (a task or user id).
-    pub key: String,
-    /// The limit for the key.
-    pub limit: Limit,
-}
-
-/// A store's answer to a set of draws.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Grant {
-    /// Every draw was taken.
-    Granted,
-    /// A draw was refused, and none was taken.
-    Denied {
-        /// The first scope that refused.
-        scope: Scope,
-        /// When it may allow a draw again, if known.
-        retry_in: Option<Duration>,
-    },
-}
-
 /// Where task and user budgets live: [`MemoryStore`] in one process, `RedisStore` (feature
 /// `redis`) across processes.
 ///
@@ -160,6 +66,20 @@ pub trait BudgetStore: Clone + Send + Sync + 'static {
     /// Takes every draw or none: if any draw's key is at its limit, nothing is taken and the
     /// first refusing scope is returned. One call is one round trip for a remote store.
     fn draw(&self, draws: &[Draw]) -> impl Future<Output = Result<Grant, StoreError>> + Send;
+
+    /// Settles cost draws granted earlier ([`Budgets::settle`]): [`Settle::Refund`] gives
+    /// each draw's amount back, [`Settle::Charge`] takes it on top, past the limit if need
+    /// be (it was spent). Only [`Limit::Cost`] and [`Limit::CostRate`] draws are settled;
+    /// each key on its own (an adjustment, not a decision). The default says the store
+    /// cannot settle.
+    fn settle(
+        &self,
+        draws: &[Draw],
+        how: Settle,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = (draws, how);
+        async { Err(StoreError::new("this budget store cannot settle costs")) }
+    }
 }
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -168,12 +88,18 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// boxed future is paid only after a failure.
 trait DynStore: Send + Sync + 'static {
     fn draw(&self, draws: Vec<Draw>) -> BoxFuture<Result<Grant, StoreError>>;
+    fn settle(&self, draws: Vec<Draw>, how: Settle) -> BoxFuture<Result<(), StoreError>>;
 }
 
 impl<S: BudgetStore> DynStore for S {
     fn draw(&self, draws: Vec<Draw>) -> BoxFuture<Result<Grant, StoreError>> {
         let store = self.clone();
         Box::pin(async move { store.draw(&draws).await })
+    }
+
+    fn settle(&self, draws: Vec<Draw>, how: Settle) -> BoxFuture<Result<(), StoreError>> {
+        let store = self.clone();
+        Box::pin(async move { BudgetStore::settle(&store, &draws, how).await })
     }
 }
 
@@ -210,6 +136,8 @@ pub enum OnStoreError {
 pub struct Budgets {
     per_task: Option<Limit>,
     per_user: Option<Limit>,
+    task_cost: Option<Limit>,
+    user_cost: Option<Limit>,
     ratio: Option<Arc<RetryRatio>>,
     in_flight: Option<Arc<InFlight>>,
     store: Arc<dyn DynStore>,
@@ -222,6 +150,8 @@ impl fmt::Debug for Budgets {
         f.debug_struct("Budgets")
             .field("per_task", &self.per_task)
             .field("per_user", &self.per_user)
+            .field("task_cost", &self.task_cost)
+            .field("user_cost", &self.user_cost)
             .field("ratio", &self.ratio)
             .field("on_store_error", &self.on_store_error)
             .field("store_timeout", &self.store_timeout)
@@ -236,6 +166,8 @@ impl Default for Budgets {
         Budgets {
             per_task: Some(Budgets::DEFAULT_PER_TASK),
             per_user: Some(Budgets::DEFAULT_PER_USER),
+            task_cost: None,
+            user_cost: None,
             ratio: Some(Arc::new(RetryRatio::new(RatioConfig::default()))),
             in_flight: Some(Arc::new(InFlight::new(InFlightCap::default()))),
             store: Arc::new(MemoryStore::new()),
@@ -354,8 +286,14 @@ impl Budgets {
         }
     }
 
-    /// Asks every budget for one retry. `Ready` when no store call is needed.
-    pub(crate) fn acquire(&self, task: Option<String>, user: Option<String>) -> Acquire {
+    /// Asks every budget for one retry costing `cost` (if known; cost scopes charge only a
+    /// retry whose cost is known). `Ready` when no store call is needed.
+    pub(crate) fn acquire(
+        &self,
+        task: Option<String>,
+        user: Option<String>,
+        cost: Option<u64>,
+    ) -> Acquire {
         let permit = match &self.ratio {
             Some(r) if !r.try_withdraw() => {
                 return Acquire::Ready(Verdict::Denied {
@@ -367,20 +305,7 @@ impl Budgets {
             Some(r) => RatioPermit::withdrawn(r.clone()),
             None => RatioPermit::none(),
         };
-        let mut draws = Vec::new();
-        for (scope, limit, id) in [
-            (Scope::Task, self.per_task, task),
-            (Scope::User, self.per_user, user),
-        ] {
-            if let (Some(limit), Some(id)) = (limit, id) {
-                // Any id is charged; an unusual one under its bounded digest.
-                let key = match budget_key(&id) {
-                    std::borrow::Cow::Borrowed(_) => id,
-                    std::borrow::Cow::Owned(digest) => digest,
-                };
-                draws.push(Draw { scope, key, limit });
-            }
-        }
+        let draws = self.draws(task, user, cost);
         if draws.is_empty() {
             return Acquire::Ready(Verdict::Granted(permit));
         }
@@ -388,19 +313,23 @@ impl Budgets {
         let timeout = self.store_timeout;
         let on_error = self.on_store_error;
         Acquire::Pending(Box::pin(async move {
-            let keys: Vec<(Scope, String, Limit)> = draws
+            let keys: Vec<(Scope, String, Limit, u64)> = draws
                 .iter()
-                .map(|d| (d.scope, d.key.clone(), d.limit))
+                .map(|d| (d.scope, d.key.clone(), d.limit, d.amount))
                 .collect();
             let answer = tokio::time::timeout(timeout, store.draw(draws)).await;
             // A refusal drops `permit`: the process ratio gets its retry back.
             match answer {
                 Ok(Ok(Grant::Granted)) => Verdict::Granted(permit),
-                Ok(Ok(Grant::Denied { scope, retry_in })) => {
+                Ok(Ok(Grant::Denied {
+                    scope,
+                    retry_in,
+                    left,
+                })) => {
                     let (key, limit) = keys
                         .into_iter()
-                        .find(|(s, _, _)| *s == scope)
-                        .map(|(_, k, l)| (Some(k), describe_denial(scope, l, retry_in)))
+                        .find(|(s, ..)| *s == scope)
+                        .map(|(_, k, l, n)| (Some(k), describe_denial(scope, l, n, retry_in, left)))
                         .unwrap_or((None, String::new()));
                     Verdict::Denied { scope, key, limit }
                 }
@@ -409,19 +338,6 @@ impl Budgets {
             }
         }))
     }
-}
-
-/// A task or user denial in words: how full, the limit, when it frees up, how to change it.
-fn describe_denial(scope: Scope, limit: Limit, retry_in: Option<Duration>) -> String {
-    let full = match limit {
-        Limit::Count { max, .. } => format!("{max} of {max} used"),
-        Limit::Rate { .. } => "no token left".to_owned(),
-    };
-    let again = match retry_in {
-        Some(d) => format!("; next in {d:.1?}"),
-        None => String::new(),
-    };
-    format!("{full}: {limit}{again}; change it with `Budgets::per_{scope}`")
 }
 
 fn store_failure(on_error: OnStoreError, error: String, permit: RatioPermit) -> Verdict {

@@ -33,6 +33,7 @@ pub struct Call {
     pub(crate) key: Option<IdempotencyKey>,
     pub(crate) task: Option<String>,
     pub(crate) user: Option<String>,
+    pub(crate) cost: Option<u64>,
     pub(crate) on_output_failure: Option<OutputChange>,
 }
 
@@ -45,6 +46,7 @@ impl Call {
             key: None,
             task: None,
             user: None,
+            cost: None,
             on_output_failure: None,
         }
     }
@@ -97,6 +99,14 @@ impl Call {
         self
     }
 
+    /// What one attempt costs, in the units of the cost budgets
+    /// ([`Budgets::task_cost`](crate::Budgets::task_cost)): a retry is sent only if its
+    /// cost fits them.
+    pub fn cost(mut self, cost: u64) -> Self {
+        self.cost = Some(cost);
+        self
+    }
+
     /// What changes after an output failure ([`ErrorKind::OutputInvalid`]): called before
     /// such a retry with the failure; its answer reaches the next attempt as
     /// [`Attempt::change`] (the validation error to append, a fallback model, another
@@ -120,6 +130,7 @@ impl fmt::Debug for Call {
             .field("key", &self.key)
             .field("task", &self.task)
             .field("user", &self.user)
+            .field("cost", &self.cost)
             .field("on_output_failure", &self.on_output_failure.is_some())
             .finish()
     }

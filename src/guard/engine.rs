@@ -81,6 +81,7 @@ impl Guard {
         config.side_effect_fn = None;
         config.operation_fn = None;
         config.key_fn = None;
+        config.cost_fn = None;
         Guard::build(config)
     }
 
@@ -144,6 +145,7 @@ impl<C> Guard<C> {
             side_effect_fn: None,
             operation_fn: None,
             key_fn: None,
+            cost_fn: None,
             info_on_success: c.info_on_success,
             stats: c.stats.clone(),
             warned_unclonable: std::sync::atomic::AtomicBool::new(false),

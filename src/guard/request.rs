@@ -95,6 +95,10 @@ impl RetryRequest for CallRequest {
     fn user_id(&self, _: &HeaderNames) -> Option<String> {
         self.meta.call.user.clone()
     }
+
+    fn cost(&self) -> Option<u64> {
+        self.meta.call.cost
+    }
 }
 
 /// The engine's change hook for guarded calls: records the failure for the next attempt

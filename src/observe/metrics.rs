@@ -34,6 +34,8 @@ pub const CALLS: &str = "tower_retry_guard_calls_total";
 pub const RETRY_DELAY: &str = "tower_retry_guard_retry_delay_seconds";
 /// Streams that failed after their first content event, by `error_type`.
 pub const STREAM_FAILURES: &str = "tower_retry_guard_stream_failures_total";
+/// The cost of the retries sent, in the user's units (`Cost`), by `error_type`.
+pub const RETRY_COST: &str = "tower_retry_guard_retry_cost_total";
 
 /// Describes every metric (HELP text and unit) to the installed recorder. Called when a
 /// [`RetryStats`](crate::RetryStats) is made (so a recorder installed before the layer is
@@ -60,6 +62,11 @@ pub fn describe() {
         "Delay before each retry sent (backoff or the server's hint)."
     );
     metrics::describe_counter!(
+        RETRY_COST,
+        Unit::Count,
+        "Cost of the retries sent, in the units of the request's Cost (tokens, micro-dollars), by error type."
+    );
+    metrics::describe_counter!(
         STREAM_FAILURES,
         Unit::Count,
         "Streamed responses that failed after their first content event (not retried), by error type."
@@ -77,6 +84,11 @@ pub(crate) fn retry(operation: &Arc<str>, kind: ErrorKind, delay: std::time::Dur
     metrics::counter!(RETRIES, "operation" => operation.clone(), "error_type" => kind.as_str())
         .increment(1);
     metrics::histogram!(RETRY_DELAY, "operation" => operation.clone()).record(delay.as_secs_f64());
+}
+
+pub(crate) fn retry_cost(operation: &Arc<str>, kind: ErrorKind, cost: u64) {
+    metrics::counter!(RETRY_COST, "operation" => operation.clone(), "error_type" => kind.as_str())
+        .increment(cost);
 }
 
 pub(crate) fn call(operation: &Arc<str>, outcome: &'static str) {

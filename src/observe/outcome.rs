@@ -197,6 +197,10 @@ pub struct RetryInfo {
     pub retries: u32,
     /// Time slept between attempts.
     pub total_delay: Duration,
+    /// What the retries sent cost, in the units of the cost budgets: the sum of each
+    /// retry's [`Cost`](crate::budget::Cost) (or [`cost_fn`](crate::RetryLayer::cost_fn));
+    /// 0 when no retry was sent or no cost was known.
+    pub retry_cost: u64,
     /// Time from the first attempt to the end.
     pub elapsed: Duration,
     /// The idempotency key sent on every attempt, if any.
@@ -216,6 +220,7 @@ impl RetryInfo {
             attempts: 0,
             retries: 0,
             total_delay: Duration::ZERO,
+            retry_cost: 0,
             elapsed: Duration::ZERO,
             key: None,
             last_error: None,

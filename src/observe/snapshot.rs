@@ -24,6 +24,9 @@ pub struct KindSnapshot {
     pub failures: u64,
     /// Retries made after such a failure.
     pub retries: u64,
+    /// What those retries cost, in the units of the cost budgets (where the cost was
+    /// known: a [`Cost`](crate::budget::Cost) extension or the layer's `cost_fn`).
+    pub retry_cost: u64,
     /// Calls that succeeded in the end.
     pub recovered: u64,
     /// Calls that ran out of attempts or time.

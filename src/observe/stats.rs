@@ -30,6 +30,8 @@ struct KindCounters {
     failures: AtomicU64,
     /// Retries made after a failure of this kind.
     retries: AtomicU64,
+    /// What those retries cost (units of the cost budgets), where known.
+    retry_cost: AtomicU64,
     /// Calls that succeeded after their last failure was of this kind.
     recovered: AtomicU64,
     /// Calls that ran out of attempts or time (exhausted, deadline, hint too long).
@@ -294,15 +296,30 @@ impl RetryStats {
     }
 
     /// An attempt failed with `kind` and a retry was sent after `delay`.
-    pub(crate) fn record_retry(&self, handle: &OpHandle, kind: ErrorKind, delay: Duration) {
+    pub(crate) fn record_retry(
+        &self,
+        handle: &OpHandle,
+        kind: ErrorKind,
+        delay: Duration,
+        cost: u64,
+    ) {
         let _ = delay;
         self.with_handle(handle, Instant::now(), |op, bucket| {
             let k = &op.kinds[kind.index()];
             k.failures.fetch_add(1, Relaxed);
             k.retries.fetch_add(1, Relaxed);
+            if cost > 0 {
+                // Saturating: a counter that stops at the top, never wraps to a small sum.
+                let _ = k
+                    .retry_cost
+                    .fetch_update(Relaxed, Relaxed, |c| Some(c.saturating_add(cost)));
+            }
             bucket.retries.fetch_add(1, Relaxed);
             #[cfg(feature = "metrics")]
             super::metrics::retry(&op.name, kind, delay);
+            if cost > 0 {
+                super::metrics::retry_cost(&op.name, kind, cost);
+            }
         });
     }
 

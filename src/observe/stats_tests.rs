@@ -11,7 +11,7 @@ fn stats_find_an_entry_keyed_by_method_and_path_by_its_name() {
     stats.record_success(&handle, Instant::now(), None);
     // A second handle for the same key finds the entry, and never names it again.
     let again = stats.handle(key, || unreachable!("the entry exists"));
-    stats.record_retry(&again, ErrorKind::Overloaded, Duration::from_millis(100));
+    stats.record_retry(&again, ErrorKind::Overloaded, Duration::from_millis(100), 0);
     assert_eq!(stats.calls("POST /v1/messages"), 1);
     assert_eq!(
         stats

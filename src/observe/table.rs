@@ -40,6 +40,13 @@ impl fmt::Display for RetryStats {
                 w.recovered,
                 w.failed,
             )?;
+            if t.retry_cost > 0 {
+                writeln!(
+                    f,
+                    "  {:<30} {:>8}  (units of the cost budgets, spent on retries)",
+                    "retry cost", t.retry_cost
+                )?;
+            }
             if t.mid_stream_failures > 0 {
                 writeln!(
                     f,

@@ -7,7 +7,7 @@ use std::time::Duration;
 use ::redis::{Script, Value};
 
 use super::{RedisStore, micros, millis, store_error};
-use crate::budget::{BudgetStore, Draw, Grant, Limit};
+use crate::budget::{BudgetStore, Draw, Grant, Limit, Settle, bucket, left_in_bucket};
 use crate::store::StoreError;
 
 /// The longest GCRA emission interval, in µs (about 31 years: "never refills").
@@ -16,22 +16,29 @@ const MAX_INTERVAL_US: u64 = 1_000_000_000_000_000;
 /// one interval, every GCRA time stays below 2^53: exact in Lua's doubles.
 const MAX_TOLERANCE_US: u64 = 4_000_000_000_000_000;
 
-/// Budget draws: `KEYS[i]` is draw `i`'s key; `ARGV[4i-3..4i]` its kind (`c` count, `r`
-/// rate) and three numbers: count `max`, `ttl` (ms), whether a wait is known (`1`/`0`); or
-/// rate interval (µs), tolerance (µs), whether a wait is known.
+/// The largest count or cost (2^53 - 1): exact in Lua's doubles.
+const MAX_UNITS: u64 = (1 << 53) - 1;
+
+/// Budget draws: `KEYS[i]` is draw `i`'s key; `ARGV[5i-4..5i]` its kind (`c` a sum, of
+/// retries or of cost units; `r` a GCRA rate, of retries or of cost units) and four
+/// numbers: sum `max`, `ttl` (ms), whether a wait is known (`1`/`0`), the amount drawn; or
+/// rate interval of this draw (µs, its amount included), tolerance (µs), whether a wait is
+/// known, unused.
 ///
-/// Answers `{1}` (granted) or `{0, i, wait_us}` (draw `i` refused; `wait_us` -1 if unknown).
+/// Answers `{1}` (granted) or `{0, i, wait_us, used}` (draw `i` refused; `wait_us` -1 if
+/// unknown; `used` the sum taken, or how far ahead (µs) the rate's arrival time was).
 const DRAW_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local state = {}
 for i = 1, #KEYS do
   local k = KEYS[i]
-  local base = (i - 1) * 4
+  local base = (i - 1) * 5
   local kind = ARGV[base + 1]
   local a = tonumber(ARGV[base + 2])
   local b = tonumber(ARGV[base + 3])
   local known = ARGV[base + 4] == '1'
+  local n = tonumber(ARGV[base + 5])
   local cur = state[k]
   if cur == nil then
     local raw = redis.call('GET', k)
@@ -45,29 +52,30 @@ for i = 1, #KEYS do
     end
   end
   if kind == 'c' then
-    if cur >= a then
+    if cur + n > a then
       local wait = -1
       if known then
         local pttl = redis.call('PTTL', k)
         if pttl >= 0 then wait = pttl * 1000 end
       end
-      return {0, i, wait}
+      return {0, i, wait, cur}
     end
-    state[k] = cur + 1
+    state[k] = cur + n
   else
-    local nxt = math.max(cur, now) + a
+    local start = math.max(cur, now)
+    local nxt = start + a
     local ahead = nxt - now
     if ahead > b then
       local wait = -1
       if known then wait = ahead - b end
-      return {0, i, wait}
+      return {0, i, wait, start - now}
     end
     state[k] = nxt
   end
 end
 for i = 1, #KEYS do
   local k = KEYS[i]
-  local base = (i - 1) * 4
+  local base = (i - 1) * 5
   local v = state[k]
   local px
   if ARGV[base + 1] == 'c' then
@@ -83,48 +91,76 @@ return {1}
 
 static DRAW: LazyLock<Script> = LazyLock::new(|| Script::new(DRAW_LUA));
 
-/// The script arguments of one draw: kind and three numbers.
-fn draw_args(limit: Limit) -> [String; 4] {
-    match limit {
-        Limit::Count { max, ttl } => [
+/// The script arguments of one draw: kind and four numbers.
+fn draw_args(draw: &Draw) -> [String; 5] {
+    let amount = draw.amount.min(MAX_UNITS);
+    let sum = |max: u64, n: u64, ttl: Duration| {
+        [
             "c".to_owned(),
-            max.to_string(),
+            max.min(MAX_UNITS).to_string(),
             millis(ttl).to_string(),
-            u8::from(max > 0).to_string(),
-        ],
+            u8::from(max > 0 && n <= max).to_string(),
+            n.to_string(),
+        ]
+    };
+    let rate = |(interval, tolerance): (u64, u64), known: bool| {
+        [
+            "r".to_owned(),
+            interval.max(1).to_string(),
+            tolerance.min(MAX_TOLERANCE_US).to_string(),
+            u8::from(known).to_string(),
+            "0".to_owned(),
+        ]
+    };
+    match draw.limit {
+        Limit::Count { max, ttl } => sum(u64::from(max), 1, ttl),
+        Limit::Cost { max, ttl } => sum(max, amount, ttl),
         Limit::Rate { tokens, per, burst } => {
             let interval = if tokens == 0 {
                 MAX_INTERVAL_US
             } else {
                 (micros(per) / u64::from(tokens)).clamp(1, MAX_INTERVAL_US)
             };
-            let tolerance = interval
-                .saturating_mul(u64::from(burst))
-                .min(MAX_TOLERANCE_US);
-            [
-                "r".to_owned(),
-                interval.to_string(),
-                tolerance.to_string(),
-                u8::from(burst > 0 && tokens > 0).to_string(),
-            ]
+            let tolerance = interval.saturating_mul(u64::from(burst));
+            rate((interval, tolerance), burst > 0 && tokens > 0)
         }
+        Limit::CostRate { units, per, burst } => rate(
+            bucket(units, micros(per), burst, amount, MAX_INTERVAL_US),
+            units > 0 && amount <= burst,
+        ),
     }
+}
+
+/// What a refused draw had left, from the script's `used`.
+fn left_of(draw: &Draw, used: i64) -> Option<u64> {
+    let used = u64::try_from(used).ok()?;
+    Some(match draw.limit {
+        Limit::Count { max, .. } => u64::from(max).saturating_sub(used),
+        Limit::Cost { max, .. } => max.min(MAX_UNITS).saturating_sub(used),
+        Limit::Rate { .. } => 0,
+        Limit::CostRate { units, per, burst } => {
+            let per = micros(per);
+            let (_, tolerance) = bucket(units, per, burst, draw.amount, MAX_INTERVAL_US);
+            left_in_bucket(units, per, tolerance.min(MAX_TOLERANCE_US), used)
+        }
+    })
 }
 
 /// Gives back one granted draw per key, in the layout of [`DRAW_LUA`] (a cluster decision
 /// whose draws span slots takes each slot's draws in its own script call; when one refuses,
-/// the others are given back). A count is decremented (its expiry kept); a rate's arrival
-/// time moves back one interval (the key deleted once the bucket is full again).
+/// the others are given back). A sum loses the amount (its expiry kept); a rate's arrival
+/// time moves back the draw's interval (the key deleted once the bucket is full again).
 const REFUND_LUA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 for i = 1, #KEYS do
   local k = KEYS[i]
-  local base = (i - 1) * 4
+  local base = (i - 1) * 5
   local cur = tonumber(redis.call('GET', k))
   if cur then
     if ARGV[base + 1] == 'c' then
-      if cur > 0 then redis.call('DECR', k) end
+      local n = math.min(cur, tonumber(ARGV[base + 5]))
+      if n > 0 then redis.call('DECRBY', k, string.format('%.0f', n)) end
     else
       local back = cur - tonumber(ARGV[base + 2])
       if back <= now then
@@ -140,6 +176,40 @@ return 1
 "#;
 
 static REFUND: LazyLock<Script> = LazyLock::new(|| Script::new(REFUND_LUA));
+
+/// Charges each draw on top, past its limit (a settlement: the cost was spent), in the
+/// layout of [`DRAW_LUA`]: a sum grows by the amount (its expiry renewed); a rate's arrival
+/// time moves on by the draw's interval.
+const CHARGE_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i = 1, #KEYS do
+  local k = KEYS[i]
+  local base = (i - 1) * 5
+  local cur = 0
+  local raw = redis.call('GET', k)
+  if raw then
+    cur = tonumber(raw)
+    if cur == nil then
+      return redis.error_reply('malformed budget value at ' .. k)
+    end
+  end
+  local v
+  local px
+  if ARGV[base + 1] == 'c' then
+    v = cur + tonumber(ARGV[base + 5])
+    px = tonumber(ARGV[base + 3])
+  else
+    v = math.max(cur, now) + tonumber(ARGV[base + 2])
+    px = math.ceil((v - now) / 1000)
+  end
+  if px < 1 then px = 1 end
+  redis.call('SET', k, string.format('%.0f', v), 'PX', string.format('%.0f', px))
+end
+return 1
+"#;
+
+static CHARGE: LazyLock<Script> = LazyLock::new(|| Script::new(CHARGE_LUA));
 
 /// The draws of one decision that share a slot: their indices in the decision, their keys.
 struct Group {
@@ -159,11 +229,10 @@ impl RedisStore {
         let mut invocation = script.prepare_invoke();
         for (&i, key) in group.draws.iter().zip(&group.keys) {
             invocation.key(key);
-            let limit = draws
+            let draw = draws
                 .get(i)
-                .map(|d| d.limit)
                 .ok_or_else(|| store_error(what, "draw index out of range (a bug in the store)"))?;
-            for a in draw_args(limit) {
+            for a in draw_args(draw) {
                 invocation.arg(a);
             }
         }
@@ -262,7 +331,7 @@ async fn join_all(mut futures: Vec<Pending<'_>>) -> Vec<Result<Value, StoreError
 fn refused_index(value: &Value) -> Option<usize> {
     match value {
         Value::Array(items) => match items.as_slice() {
-            [Value::Int(0), Value::Int(i), _] => usize::try_from(*i).ok()?.checked_sub(1),
+            [Value::Int(0), Value::Int(i), _, _] => usize::try_from(*i).ok()?.checked_sub(1),
             _ => None,
         },
         _ => None,
@@ -274,7 +343,43 @@ impl BudgetStore for RedisStore {
         if draws.is_empty() {
             return Ok(Grant::Granted);
         }
-        // Group the draws by slot (one group on a single node, or when they share a tag).
+        let mut groups = self.groups(draws);
+        if groups.len() > 1 {
+            return self.draw_split(draws, groups).await;
+        }
+        let Some(group) = groups.pop() else {
+            return Ok(Grant::Granted);
+        };
+        // One slot: one script call, all or nothing inside Redis.
+        let value = self.run("budget draw", &DRAW, draws, &group).await?;
+        parse_grant(&value, draws)
+    }
+
+    async fn settle(&self, draws: &[Draw], how: Settle) -> Result<(), StoreError> {
+        let draws: Vec<Draw> = draws
+            .iter()
+            .filter(|d| d.limit.is_cost())
+            .cloned()
+            .collect();
+        let (what, script) = match how {
+            Settle::Refund => ("budget refund", &*REFUND),
+            Settle::Charge => ("budget charge", &*CHARGE),
+        };
+        let groups = self.groups(&draws);
+        let answers = join_all(
+            groups
+                .iter()
+                .map(|g| Box::pin(self.run(what, script, &draws, g)) as _)
+                .collect(),
+        )
+        .await;
+        answers.into_iter().try_for_each(|a| a.map(drop))
+    }
+}
+
+impl RedisStore {
+    /// The draws grouped by slot (one group on a single node, or when they share a tag).
+    fn groups(&self, draws: &[Draw]) -> Vec<Group> {
         let mut groups: Vec<(Option<String>, Group)> = Vec::new();
         for (i, d) in draws.iter().enumerate() {
             let (key, tag) = self.budget_key(d);
@@ -292,16 +397,7 @@ impl BudgetStore for RedisStore {
                 )),
             }
         }
-        let mut groups: Vec<Group> = groups.into_iter().map(|(_, g)| g).collect();
-        if groups.len() > 1 {
-            return self.draw_split(draws, groups).await;
-        }
-        let Some(group) = groups.pop() else {
-            return Ok(Grant::Granted);
-        };
-        // One slot: one script call, all or nothing inside Redis.
-        let value = self.run("budget draw", &DRAW, draws, &group).await?;
-        parse_grant(&value, draws)
+        groups.into_iter().map(|(_, g)| g).collect()
     }
 }
 
@@ -313,7 +409,12 @@ fn parse_grant(value: &Value, draws: &[Draw]) -> Result<Grant, StoreError> {
     };
     match items.as_slice() {
         [Value::Int(1)] => Ok(Grant::Granted),
-        [Value::Int(0), Value::Int(i), Value::Int(wait_us)] => {
+        [
+            Value::Int(0),
+            Value::Int(i),
+            Value::Int(wait_us),
+            Value::Int(used),
+        ] => {
             let draw = usize::try_from(*i)
                 .ok()
                 .and_then(|i| i.checked_sub(1))
@@ -323,6 +424,7 @@ fn parse_grant(value: &Value, draws: &[Draw]) -> Result<Grant, StoreError> {
             Ok(Grant::Denied {
                 scope: draw.scope,
                 retry_in,
+                left: left_of(draw, *used),
             })
         }
         _ => Err(bad()),
@@ -330,62 +432,5 @@ fn parse_grant(value: &Value, draws: &[Draw]) -> Result<Grant, StoreError> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::budget::Scope;
-
-    #[test]
-    fn draw_answers_are_checked() {
-        let draws = [Draw {
-            scope: Scope::User,
-            key: "u".into(),
-            limit: Limit::Count {
-                max: 1,
-                ttl: Duration::from_secs(1),
-            },
-        }];
-        let ok = Value::Array(vec![Value::Int(1)]);
-        assert_eq!(parse_grant(&ok, &draws), Ok(Grant::Granted));
-        let denied = Value::Array(vec![Value::Int(0), Value::Int(1), Value::Int(1500)]);
-        assert_eq!(
-            parse_grant(&denied, &draws),
-            Ok(Grant::Denied {
-                scope: Scope::User,
-                retry_in: Some(Duration::from_micros(1500))
-            })
-        );
-        let unknown = Value::Array(vec![Value::Int(0), Value::Int(1), Value::Int(-1)]);
-        assert!(matches!(
-            parse_grant(&unknown, &draws),
-            Ok(Grant::Denied { retry_in: None, .. })
-        ));
-        for v in [
-            Value::Array(vec![Value::Int(0), Value::Int(2), Value::Int(1)]),
-            Value::Array(vec![Value::Int(0), Value::Int(0), Value::Int(1)]),
-            Value::Array(vec![]),
-            Value::Int(1),
-            Value::Nil,
-        ] {
-            assert!(parse_grant(&v, &draws).is_err(), "{v:?}");
-        }
-    }
-
-    #[test]
-    fn limits_become_bounded_arguments() {
-        let args = draw_args(Limit::Rate {
-            tokens: 0,
-            per: Duration::MAX,
-            burst: u32::MAX,
-        });
-        assert_eq!(args[1], MAX_INTERVAL_US.to_string());
-        assert_eq!(args[2], MAX_TOLERANCE_US.to_string());
-        assert_eq!(args[3], "0");
-        let args = draw_args(Limit::Count {
-            max: 5,
-            ttl: Duration::ZERO,
-        });
-        assert_eq!(args, ["c", "5", "1", "1"]);
-        assert_eq!(millis(Duration::MAX), super::super::MAX_EXPIRY_MS);
-        assert_eq!(millis(Duration::from_micros(1001)), 2);
-    }
-}
+#[path = "budget_tests.rs"]
+mod tests;

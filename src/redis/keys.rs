@@ -28,14 +28,23 @@ impl RedisStore {
         let kind = match draw.limit {
             Limit::Count { .. } => "c",
             Limit::Rate { .. } => "r",
+            Limit::Cost { .. } => "u",
+            Limit::CostRate { .. } => "v",
         };
         // Any id, bounded: a long or unusual one under its digest (as `Budgets` sends it);
         // either way no `{` or `}`, so the tag below is the whole `<scope>:<id>`.
         let id = crate::budget::budget_key(&draw.key);
         let scope = draw.scope.as_str();
         if self.conn.is_cluster() {
-            let tag = format!("{scope}:{id}");
-            (format!("{}b:{kind}:{{{tag}}}", self.prefix), Some(tag))
+            // A task's (user's) count and cost share a slot (one script call), under keys
+            // that differ by scope.
+            let tag = format!("{}:{id}", draw.scope.id_scope().as_str());
+            let own = if draw.scope == draw.scope.id_scope() {
+                String::new()
+            } else {
+                format!(":{scope}")
+            };
+            (format!("{}b:{kind}{own}:{{{tag}}}", self.prefix), Some(tag))
         } else {
             (format!("{}b:{kind}:{scope}:{id}", self.prefix), None)
         }
@@ -90,14 +99,14 @@ mod tests {
     }
 
     fn draw(scope: Scope, id: &str) -> Draw {
-        Draw {
+        Draw::one(
             scope,
-            key: id.to_owned(),
-            limit: Limit::Count {
+            id,
+            Limit::Count {
                 max: 1,
                 ttl: Duration::from_secs(1),
             },
-        }
+        )
     }
 
     fn scoped(principal: Option<&str>, k: &str) -> ScopedKey {
@@ -127,6 +136,9 @@ mod tests {
         let (user, _) = store.budget_key(&draw(Scope::User, "t"));
         assert_eq!((tag(&task), t.as_deref()), ("task:t", Some("task:t")));
         assert_eq!(tag(&user), "user:t");
+        let (cost, c) = store.budget_key(&draw(Scope::TaskCost, "t"));
+        assert_eq!((tag(&cost), c.as_deref()), ("task:t", Some("task:t")));
+        assert_ne!(cost, task);
         let mut tags = std::collections::HashSet::new();
         for i in 0..200 {
             for p in [Some("a}b{c"), None] {

@@ -23,6 +23,8 @@
 //! |---|---|---|
 //! | `<prefix>b:c:<scope>:<id>` ([`Limit::Count`]; an id longer than 64 bytes or outside `[A-Za-z0-9._:@/+=-]` as `#` + its XXH3-128 in hex) | the count, decimal | `ttl` after the last granted draw |
 //! | `<prefix>b:r:<scope>:<id>` ([`Limit::Rate`]) | GCRA's theoretical arrival time, µs of Redis time | when the bucket is full again |
+//! | `<prefix>b:u:<scope>:<id>` ([`Limit::Cost`]; scope `task_cost`, `user_cost`) | the units summed, decimal (at most 2^53 - 1) | `ttl` after the last granted draw |
+//! | `<prefix>b:v:<scope>:<id>` ([`Limit::CostRate`]) | GCRA's theoretical arrival time, µs of Redis time (one unit = `per / units` µs, rounded up) | when the bucket is full again |
 //! | `<prefix>i:<scoped key>` (idempotency) | a hash: `s` state (`F` in flight, `D` done), `f` fingerprint and `t` claim token (16 bytes each, big endian), `l` lease end (ms, Redis clock) while in flight, `r` the response once done | the claim's record (the TTL, so an abandoned claim answers "outcome unknown" and is never simply claimed again); then the result's TTL |
 //! | `<prefix>ip:<principal>` (`g`, or `p:<length>:<principal>`) | a sorted set of the principal's idempotency keys, scored by their expiry (ms): its share ([`RedisStore::max_keys_per_principal`]) | with its longest-lived key |
 //!
@@ -41,6 +43,7 @@
 //! | key | tag |
 //! |---|---|
 //! | `<prefix>b:c:{<scope>:<id>}`, `<prefix>b:r:{<scope>:<id>}` | the scope and id: each task and each user its own slot |
+//! | `<prefix>b:u:task_cost:{task:<id>}`, `<prefix>b:v:user_cost:{user:<id>}` (cost limits) | the task's (user's) tag: its count and its cost in one slot, one script |
 //! | `<prefix>i:{<t>}:<scoped key>` | `t` = `g:<b>` (no principal) or `p:<XXH3-64 of the principal, hex>:<b>`, with `b` = XXH3-64 of the scoped key mod 16 |
 //! | `<prefix>ip:{<t>}` (`g`), `<prefix>ip:{<t>}:<length>:<principal>` | the same `t`: a share set sits in the slot of the keys it counts |
 //!

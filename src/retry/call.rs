@@ -57,6 +57,8 @@ pub(crate) struct Retried {
     pub(crate) delay: Duration,
     /// The retry in flight's slot, freed when it answers or the call ends.
     pub(crate) slot: Option<RetrySlot>,
+    /// The cost of the retries sent so far (those whose cost was known).
+    pub(crate) cost: u64,
 }
 
 impl<Req: RetryRequest> Call<Req> {
@@ -137,6 +139,7 @@ impl<Req> Call<Req> {
                 total_delay: Duration::ZERO,
                 delay: Duration::ZERO,
                 slot: None,
+                cost: 0,
             })
         })
     }
@@ -146,6 +149,11 @@ impl<Req> Call<Req> {
         self.retried
             .as_ref()
             .map_or(Duration::ZERO, |r| r.total_delay)
+    }
+
+    /// The cost of the retries sent so far.
+    pub(crate) fn retry_cost(&self) -> u64 {
+        self.retried.as_ref().map_or(0, |r| r.cost)
     }
 
     /// The delay before the retry being prepared or in flight.

@@ -11,6 +11,7 @@ use crate::request::{HeaderNames, IdempotencyKey, Operation, RequestView, SideEf
 
 pub(crate) type SideEffectFn = Arc<dyn Fn(&RequestView<'_>) -> Option<SideEffect> + Send + Sync>;
 pub(crate) type OperationFn = Arc<dyn Fn(&RequestView<'_>) -> Option<Operation> + Send + Sync>;
+pub(crate) type CostFn = Arc<dyn Fn(&RequestView<'_>) -> Option<u64> + Send + Sync>;
 pub(crate) type KeyFn = Arc<dyn Fn(&RequestView<'_>) -> Option<IdempotencyKey> + Send + Sync>;
 
 /// What every call of one service reads: the layer's settings, resolved once.
@@ -24,6 +25,8 @@ pub(crate) struct Config<C, H> {
     pub(crate) side_effect_fn: Option<SideEffectFn>,
     pub(crate) operation_fn: Option<OperationFn>,
     pub(crate) key_fn: Option<KeyFn>,
+    /// What an attempt costs; called only when a retry is considered.
+    pub(crate) cost_fn: Option<CostFn>,
     pub(crate) info_on_success: bool,
     pub(crate) stats: RetryStats,
     /// The "cannot be cloned" warning was given (once per service).
@@ -42,6 +45,7 @@ impl<C: Clone, H: Clone> Clone for Config<C, H> {
             side_effect_fn: self.side_effect_fn.clone(),
             operation_fn: self.operation_fn.clone(),
             key_fn: self.key_fn.clone(),
+            cost_fn: self.cost_fn.clone(),
             info_on_success: self.info_on_success,
             stats: self.stats.clone(),
             // Each service warns once.
@@ -64,6 +68,7 @@ impl<C, H> Config<C, H> {
             side_effect_fn: self.side_effect_fn,
             operation_fn: self.operation_fn,
             key_fn: self.key_fn,
+            cost_fn: self.cost_fn,
             info_on_success: self.info_on_success,
             stats: self.stats,
             warned_unclonable: self.warned_unclonable,

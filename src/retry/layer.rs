@@ -70,6 +70,7 @@ impl RetryLayer {
                 side_effect_fn: None,
                 operation_fn: None,
                 key_fn: None,
+                cost_fn: None,
                 info_on_success: true,
                 stats: RetryStats::new(),
                 warned_unclonable: AtomicBool::new(false),
@@ -140,6 +141,19 @@ impl<C, H> RetryLayer<C, H> {
         F: Fn(&RequestView<'_>) -> Option<IdempotencyKey> + Send + Sync + 'static,
     {
         self.config.key_fn = Some(Arc::new(f));
+        self
+    }
+
+    /// What one attempt of a request costs, in the units of the cost budgets
+    /// ([`Budgets::task_cost`], [`Budgets::user_cost_rate`]): tokens, micro-dollars. Called
+    /// only when a retry is considered, never on the success path; a
+    /// [`Cost`](crate::budget::Cost) extension on the request wins. `None`: the cost is
+    /// unknown, and the retry is not charged to the cost budgets.
+    pub fn cost_fn<F>(mut self, f: F) -> Self
+    where
+        F: Fn(&RequestView<'_>) -> Option<u64> + Send + Sync + 'static,
+    {
+        self.config.cost_fn = Some(Arc::new(f));
         self
     }
 

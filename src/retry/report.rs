@@ -23,6 +23,7 @@ pub(crate) fn info<Req>(call: &Call<Req>, outcome: CallOutcome, now: Instant) ->
         attempts: call.attempts,
         retries: call.attempts.saturating_sub(1),
         total_delay: call.total_delay(),
+        retry_cost: call.retry_cost(),
         elapsed: now.saturating_duration_since(call.started),
         key: call.key.clone(),
         last_error: call.last_kind,
@@ -50,7 +51,12 @@ pub(crate) fn refused<C, H>(config: &Config<C, H>, op: &OpName, invalid: Invalid
 
 /// A retry is granted: the WARN event, on the call's span (the attempt that failed has
 /// ended; the retry's own span starts when it is sent).
-pub(crate) fn log_retry<Req, C, H>(config: &Config<C, H>, call: &Call<Req>, delay: Duration) {
+pub(crate) fn log_retry<Req, C, H>(
+    config: &Config<C, H>,
+    call: &Call<Req>,
+    delay: Duration,
+    cost: Option<u64>,
+) {
     let kind = call.last_kind.unwrap_or(ErrorKind::Other);
     tracing::warn!(
         target: "tower_retry_guard",
@@ -65,6 +71,7 @@ pub(crate) fn log_retry<Req, C, H>(config: &Config<C, H>, call: &Call<Req>, dela
             .saturating_duration_since(Instant::now() + delay)
             .as_millis() as u64,
         key = call.key.as_ref().map(|k| k.as_str()),
+        cost,
         "retrying"
     );
 }

@@ -30,6 +30,8 @@ pub(crate) struct Wait<Req, Res, E> {
     failed: Result<Res, E>,
     kind: ErrorKind,
     permit: Option<RatioPermit>,
+    /// The cost of the retry being decided, if known.
+    cost: Option<u64>,
     step: Step,
 }
 
@@ -94,7 +96,7 @@ where
     retried.backoff = backoff;
     retried.delay = delay;
     let retry = call.attempts;
-    let (mut changed, mut task, mut user) = (false, None, None);
+    let (mut changed, mut task, mut user, mut cost) = (false, None, None, None);
     if let Some(next) = call.next.as_mut() {
         // Stamped now, so that the hook sees what will be sent.
         if let Some(key) = &call.key {
@@ -105,14 +107,16 @@ where
         changed = config.change.change(next, &result, &context);
         task = next.task_id(&config.names);
         user = next.user_id(&config.names);
+        // Only now, on the failure path: the success path never asks what a call costs.
+        cost = cost_of(config, next);
     }
     if let Some(reason) = decide::unchanged(kind, changed) {
         return Answered::Done(stop(config, call, Some(result), kind, reason));
     }
-    let (step, permit) = match config.budgets.acquire(task, user) {
+    let (step, permit) = match config.budgets.acquire(task, user, cost) {
         Acquire::Pending(verdict) => (Step::Acquiring(verdict, now), None),
         Acquire::Ready(verdict) => match decide::granted(verdict) {
-            Ok(permit) => (start_wait(config, &mut call, delay), Some(permit)),
+            Ok(permit) => (start_wait(config, &mut call, delay, cost), Some(permit)),
             Err(reason) => return Answered::Done(stop(config, call, Some(result), kind, reason)),
         },
     };
@@ -121,8 +125,16 @@ where
         failed: result,
         kind,
         permit,
+        cost,
         step,
     }))
+}
+
+/// The cost of the next attempt: the request's own (its `Cost` extension), else the
+/// layer's closure.
+fn cost_of<Req: RetryRequest, C, H>(config: &Config<C, H>, next: &Req) -> Option<u64> {
+    next.cost()
+        .or_else(|| config.cost_fn.as_ref().and_then(|f| f(&next.view())))
 }
 
 impl<Req, Res, E> Wait<Req, Res, E> {
@@ -150,7 +162,7 @@ impl<Req, Res, E> Wait<Req, Res, E> {
                     }) {
                         Ok(permit) => {
                             self.permit = Some(permit);
-                            self.step = start_wait(config, &mut self.call, delay);
+                            self.step = start_wait(config, &mut self.call, delay, self.cost);
                         }
                         Err(reason) => return Poll::Ready(End::Stop(reason)),
                     }
@@ -203,6 +215,7 @@ impl<Req, Res, E> Wait<Req, Res, E> {
             failed,
             kind,
             permit,
+            cost,
             ..
         } = self;
         let slot = match end {
@@ -226,13 +239,18 @@ impl<Req, Res, E> Wait<Req, Res, E> {
         }
         drop(failed);
         let delay = call.delay();
-        call.failed(&config.policy).slot = slot;
+        let retried = call.failed(&config.policy);
+        retried.slot = slot;
+        let cost = cost.unwrap_or(0);
+        retried.cost = retried.cost.saturating_add(cost);
         // Keep a copy for the attempt after this one, if one is allowed.
         if call.attempts < config.policy.max_retries() {
             call.next = request.try_clone();
         }
         // Counted now, not when decided: a retry refused on the way was never sent.
-        config.stats.record_retry(&call.op.handle, kind, delay);
+        config
+            .stats
+            .record_retry(&call.op.handle, kind, delay, cost);
         call.attempt_span = attempt_span(span, &request, call.attempts, call.op.as_str());
         call.attempts += 1;
         let attempt = {
@@ -253,11 +271,16 @@ pub(crate) enum Resumed<F, Req, Res, E> {
 
 /// The retry is granted: say so, then sleep (or go straight on for a zero delay: tokio's
 /// timer rounds every sleep up to its 1 ms tick).
-fn start_wait<Req, C, H>(config: &Config<C, H>, call: &mut Call<Req>, delay: Duration) -> Step {
+fn start_wait<Req, C, H>(
+    config: &Config<C, H>,
+    call: &mut Call<Req>,
+    delay: Duration,
+    cost: Option<u64>,
+) -> Step {
     let retried = call.failed(&config.policy);
     retried.total_delay += delay;
     retried.delay = delay;
-    log_retry(config, call, delay);
+    log_retry(config, call, delay, cost);
     if delay.is_zero() {
         Step::Ready
     } else {

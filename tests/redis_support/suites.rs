@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use tower_retry_guard::IdempotencyKey;
-use tower_retry_guard::budget::{BudgetStore, Draw, Grant, Limit, Scope};
+use tower_retry_guard::budget::{BudgetStore, Draw, Grant, Limit, Scope, StoreError};
 use tower_retry_guard::server::{
     Begin, Claim, ClaimToken, Fingerprint, IdempotencyStore, ScopedKey, Stored,
 };
@@ -15,11 +15,7 @@ use tower_retry_guard::server::{
 // One suite of semantics, run against the memory stores and Redis.
 
 pub fn d(scope: Scope, key: &str, limit: Limit) -> Draw {
-    Draw {
-        scope,
-        key: key.to_owned(),
-        limit,
-    }
+    Draw::one(scope, key, limit)
 }
 
 pub fn count(max: u32, ttl: Duration) -> Limit {
@@ -32,7 +28,9 @@ pub const HOUR: Duration = Duration::from_secs(3600);
 pub fn show(g: Result<Grant, impl Debug>) -> String {
     match g {
         Ok(Grant::Granted) => "granted".into(),
-        Ok(Grant::Denied { scope, retry_in }) => match retry_in {
+        Ok(Grant::Denied {
+            scope, retry_in, ..
+        }) => match retry_in {
             Some(w) => format!("denied {scope} in {}s", w.as_secs_f64().round()),
             None => format!("denied {scope} never"),
         },
@@ -456,3 +454,190 @@ pub const EXPECTED_IDEMPOTENCY: &[&str] = &[
     "replay late: done: order 8, identical true",
     "after the ttl: claimed",
 ];
+
+// ---------------------------------------------------------------------------------------
+// Cost limits under races: many concurrent decisions of random (seeded) cost on one task
+// and one user, each decision the task's count, the task's cost and the user's cost rate,
+// all or nothing.
+
+/// What a cost race ended with.
+#[derive(Debug)]
+pub struct CostRace {
+    /// Units granted (the sum of the amounts of granted decisions).
+    pub granted: u64,
+    /// Decisions granted and refused.
+    pub grants: u32,
+    pub refusals: u32,
+}
+
+/// The task's cost limit in [`cost_race`].
+pub const RACE_TASK_COST: u64 = 5_000;
+/// The user's cost burst in [`cost_race`] (it refills 1 unit an hour: not within a run).
+pub const RACE_USER_BURST: u64 = 4_000;
+
+pub fn race_draws(task: &str, user: &str, amount: u64) -> [Draw; 3] {
+    [
+        d(Scope::Task, task, count(10_000, HOUR)),
+        Draw {
+            amount,
+            ..d(
+                Scope::TaskCost,
+                task,
+                Limit::Cost {
+                    max: RACE_TASK_COST,
+                    ttl: HOUR,
+                },
+            )
+        },
+        Draw {
+            amount,
+            ..d(
+                Scope::UserCost,
+                user,
+                Limit::CostRate {
+                    units: RACE_USER_BURST,
+                    per: Duration::from_secs(4_000 * 3600),
+                    burst: RACE_USER_BURST,
+                },
+            )
+        },
+    ]
+}
+
+/// `n` decisions at once on one task and one user, of seeded random cost 1..=600;
+/// every answer checked. Draws on the store from many tasks of a multi-threaded runtime.
+pub async fn cost_race<S: BudgetStore>(
+    s: &S,
+    task: &str,
+    user: &str,
+    n: u32,
+    seed: u64,
+) -> CostRace {
+    use rand::rngs::SmallRng;
+    use rand::{Rng, SeedableRng};
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let amount = rng.random_range(1..=600u64);
+            let (s, draws) = (s.clone(), race_draws(task, user, amount));
+            tokio::spawn(async move { (amount, s.draw(&draws).await) })
+        })
+        .collect();
+    let mut race = CostRace {
+        granted: 0,
+        grants: 0,
+        refusals: 0,
+    };
+    for c in calls {
+        match c.await.expect("a draw") {
+            (amount, Ok(Grant::Granted)) => {
+                race.granted += amount;
+                race.grants += 1;
+            }
+            (amount, Ok(Grant::Denied { scope, left, .. })) => {
+                assert!(
+                    matches!(scope, Scope::TaskCost | Scope::UserCost),
+                    "{scope}"
+                );
+                // A refusal is for an amount that did not fit what was left then.
+                let left = left.expect("a cost refusal says what was left");
+                assert!(left < amount, "{left} left, {amount} refused");
+                race.refusals += 1;
+            }
+            (_, Err(e)) => panic!("{e}"),
+        }
+    }
+    race
+}
+
+/// Two races on one task (two users: the first race is bound by its user's burst, the
+/// second by what the task has left), then the exact remainders: what each key has left is
+/// its limit minus what was granted, to the unit.
+pub async fn cost_race_suite<S: BudgetStore>(s: S, seed: u64) {
+    let a = cost_race(&s, "race-t", "race-a", 40, seed).await;
+    let b = cost_race(&s, "race-t", "race-b", 40, seed ^ 0x5eed).await;
+    assert!(a.grants > 0 && a.refusals > 0, "{a:?}");
+    assert!(b.grants > 0 && b.refusals > 0, "{b:?}");
+    assert!(a.granted <= RACE_USER_BURST, "{a:?}");
+    let task_spent = a.granted + b.granted;
+    assert!(task_spent <= RACE_TASK_COST, "{a:?} {b:?}");
+    let cost = |scope, id: &str, limit, amount| Draw {
+        amount,
+        ..d(scope, id, limit)
+    };
+    let task_limit = Limit::Cost {
+        max: RACE_TASK_COST,
+        ttl: HOUR,
+    };
+    let user_limit = race_draws("", "", 0)[2].limit;
+    for (scope, id, limit, left) in [
+        (
+            Scope::TaskCost,
+            "race-t",
+            task_limit,
+            RACE_TASK_COST - task_spent,
+        ),
+        (
+            Scope::UserCost,
+            "race-a",
+            user_limit,
+            RACE_USER_BURST - a.granted,
+        ),
+    ] {
+        if left > 0 {
+            assert_eq!(
+                s.draw(&[cost(scope, id, limit, left)]).await,
+                Ok(Grant::Granted),
+                "{scope} {id}: {left} should be left"
+            );
+        }
+        match s.draw(&[cost(scope, id, limit, 1)]).await {
+            Ok(Grant::Denied {
+                scope: refused,
+                left: Some(0),
+                ..
+            }) => assert_eq!(refused, scope),
+            other => panic!("{scope} {id}: nothing should be left, got {other:?}"),
+        }
+    }
+}
+
+/// Settling cost draws: a refund makes room, a charge goes past the limit.
+pub async fn settle_suite<S: BudgetStore>(s: S) {
+    use tower_retry_guard::budget::Settle;
+    let task = |amount| Draw {
+        amount,
+        ..d(
+            Scope::TaskCost,
+            "settle-t",
+            Limit::Cost {
+                max: 1_000,
+                ttl: HOUR,
+            },
+        )
+    };
+    let user = |amount| Draw {
+        amount,
+        ..race_draws("", "settle-u", 0)[2].clone()
+    };
+    let left = |g: Result<Grant, StoreError>| match g {
+        Ok(Grant::Denied { left, .. }) => left,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    for (what, of, max) in [
+        ("task", &task as &dyn Fn(u64) -> Draw, 1_000),
+        ("user", &user, RACE_USER_BURST),
+    ] {
+        assert_eq!(s.draw(&[of(600)]).await, Ok(Grant::Granted), "{what}");
+        assert_eq!(left(s.draw(&[of(max)]).await), Some(max - 600), "{what}");
+        // Reserved 600, cost 200: 400 back.
+        assert_eq!(s.settle(&[of(400)], Settle::Refund).await, Ok(()), "{what}");
+        assert_eq!(s.draw(&[of(max - 200)]).await, Ok(Grant::Granted), "{what}");
+        assert_eq!(left(s.draw(&[of(1)]).await), Some(0), "{what}");
+        // Cost more than reserved: charged past the limit, and given back exactly.
+        assert_eq!(s.settle(&[of(300)], Settle::Charge).await, Ok(()), "{what}");
+        assert_eq!(s.settle(&[of(500)], Settle::Refund).await, Ok(()), "{what}");
+        assert_eq!(left(s.draw(&[of(201)]).await), Some(200), "{what}");
+        assert_eq!(s.draw(&[of(200)]).await, Ok(Grant::Granted), "{what}");
+    }
+}

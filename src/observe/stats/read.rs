@@ -46,6 +46,7 @@ impl RetryStats {
         KindSnapshot {
             failures: k.failures.load(Relaxed),
             retries: k.retries.load(Relaxed),
+            retry_cost: k.retry_cost.load(Relaxed),
             recovered: k.recovered.load(Relaxed),
             exhausted: k.exhausted.load(Relaxed),
             denied: std::array::from_fn(|i| k.denied[i].load(Relaxed)),
@@ -62,6 +63,7 @@ impl RetryStats {
             let k = self.kind(operation, kind);
             t.failures += k.failures;
             t.retries += k.retries;
+            t.retry_cost = t.retry_cost.saturating_add(k.retry_cost);
             t.recovered += k.recovered;
             t.exhausted += k.exhausted;
             for (total, n) in t.denied.iter_mut().zip(k.denied) {
