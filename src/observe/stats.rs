@@ -316,9 +316,11 @@ impl RetryStats {
             }
             bucket.retries.fetch_add(1, Relaxed);
             #[cfg(feature = "metrics")]
-            super::metrics::retry(&op.name, kind, delay);
-            if cost > 0 {
-                super::metrics::retry_cost(&op.name, kind, cost);
+            {
+                super::metrics::retry(&op.name, kind, delay);
+                if cost > 0 {
+                    super::metrics::retry_cost(&op.name, kind, cost);
+                }
             }
         });
     }
