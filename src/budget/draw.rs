@@ -54,6 +54,7 @@ impl Scope {
 
     /// The scope whose ids this one is keyed by (`task` for `task_cost`): on a Redis
     /// cluster, a task's count and cost share a slot.
+    #[cfg(feature = "redis")]
     pub(crate) const fn id_scope(self) -> Scope {
         match self {
             Scope::TaskCost => Scope::Task,
