@@ -275,6 +275,18 @@ fn flaky_router(hits: Arc<AtomicU32>) -> axum::Router {
     )
 }
 
+/// One chat completion through `svc`, which must answer.
+async fn post_completion<S, B>(svc: &mut S, base: &str) -> http::Response<B>
+where
+    S: Service<Request<Full<Bytes>>, Response = http::Response<B>>,
+    S::Error: std::fmt::Debug,
+{
+    let request = Request::post(format!("{base}/v1/chat/completions"))
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    svc.ready().await.unwrap().call(request).await.unwrap()
+}
+
 #[tokio::test]
 async fn hyper_util_client_against_a_real_server() {
     let hits = Arc::new(AtomicU32::new(0));
@@ -285,17 +297,7 @@ async fn hyper_util_client_against_a_real_server() {
         .layer(layer())
         .map_err(BoxError::from)
         .service(client);
-    let res = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(
-            Request::post(format!("{base}/v1/chat/completions"))
-                .body(Full::new(Bytes::from_static(b"{}")))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let res = post_completion(&mut svc, &base).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(hits.load(Ordering::SeqCst), 3);
     let info = res.extensions().get::<RetryInfo>().unwrap().clone();
@@ -370,17 +372,7 @@ async fn hyper_util_client_needs_no_map_err() {
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http::<Full<Bytes>>();
     let mut svc = ServiceBuilder::new().layer(layer()).service(client);
-    let res = svc
-        .ready()
-        .await
-        .unwrap()
-        .call(
-            Request::post(format!("{base}/v1/chat/completions"))
-                .body(Full::new(Bytes::from_static(b"{}")))
-                .unwrap(),
-        )
-        .await
-        .unwrap();
+    let res = post_completion(&mut svc, &base).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(hits.load(Ordering::SeqCst), 3);
 }
