@@ -97,6 +97,19 @@ pub(crate) fn single_header<'a>(
     headers: &'a HeaderMap,
     name: &HeaderName,
 ) -> Result<Option<&'a HeaderValue>, InvalidKey> {
+    // A small map (most requests) is scanned: cheaper than hashing a custom name.
+    if headers.len() <= SCAN_AT_MOST {
+        let mut first = None;
+        for (n, v) in headers {
+            if n == name {
+                if first.is_some() {
+                    return Err(InvalidKey::new("more than one idempotency key header"));
+                }
+                first = Some(v);
+            }
+        }
+        return Ok(first);
+    }
     let mut values = headers.get_all(name).iter();
     let first = values.next();
     if values.next().is_some() {
@@ -104,6 +117,9 @@ pub(crate) fn single_header<'a>(
     }
     Ok(first)
 }
+
+/// Header maps up to this many values are scanned rather than looked up.
+const SCAN_AT_MOST: usize = 8;
 
 /// Stamps the key, unless the request sent one itself: that one is never replaced, not
 /// even by its quoted form.

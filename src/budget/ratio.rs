@@ -23,7 +23,7 @@ pub(crate) struct RetryRatio {
     credit: u128,
     max_ratio: u128,
     start: Instant,
-    bucket_nanos: u128,
+    bucket_nanos: u64,
     calls: Ring,
     succeeded: Ring,
     failed: Ring,
@@ -52,7 +52,9 @@ impl RetryRatio {
             credit: micros(config.success_credit),
             max_ratio: micros(config.max_ratio),
             start: Instant::now(),
-            bucket_nanos: (config.window.as_nanos() / BUCKETS as u128).max(1),
+            bucket_nanos: u64::try_from(config.window.as_nanos() / BUCKETS as u128)
+                .unwrap_or(u64::MAX)
+                .max(1),
             calls: Ring::new(),
             succeeded: Ring::new(),
             failed: Ring::new(),
@@ -62,8 +64,18 @@ impl RetryRatio {
     }
 
     fn epoch(&self) -> u32 {
-        let elapsed = Instant::now().saturating_duration_since(self.start);
-        (elapsed.as_nanos() / self.bucket_nanos) as u32
+        self.epoch_at(Instant::now())
+    }
+
+    /// The bucket epoch of a clock reading (64-bit division: this runs on every call).
+    #[inline]
+    fn epoch_at(&self, now: Instant) -> u32 {
+        let elapsed = now.saturating_duration_since(self.start);
+        let nanos = elapsed
+            .as_secs()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(u64::from(elapsed.subsec_nanos()));
+        (nanos / self.bucket_nanos) as u32
     }
 
     /// A logical call started (the success path: one atomic add).
@@ -75,9 +87,7 @@ impl RetryRatio {
     /// [`RetryRatio::deposit`] with the caller's clock reading.
     #[inline]
     pub(crate) fn deposit_at(&self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.start);
-        self.calls
-            .add((elapsed.as_nanos() / self.bucket_nanos) as u32);
+        self.calls.add(self.epoch_at(now));
     }
 
     /// Drops expired retry buckets from the window's count.

@@ -70,41 +70,120 @@ pub(crate) fn default_operation(method: &http::Method, path: &str) -> Operation 
 pub(crate) struct OpKey(pub(crate) u64);
 
 impl OpKey {
-    const SEED: u64 = 0xcbf2_9ce4_8422_2325;
-
-    /// FNV-1a: byte-wise, so hashing the pieces of a name in a row equals hashing the name.
-    fn feed(mut h: u64, bytes: &[u8]) -> u64 {
-        for b in bytes {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0000_0100_0000_01b3);
-        }
-        h
-    }
-
+    /// The key of a name. A name with a space is keyed in two parts around its first one,
+    /// as [`OpKey::of_method_path`] keys `METHOD path`, so a route named by hand and the
+    /// same route named by default share an entry.
     pub(crate) fn of_name(name: &str) -> Self {
-        OpKey(Self::feed(Self::SEED, name.as_bytes()))
+        match name.split_once(' ') {
+            Some((method, path)) => {
+                Self::join(word_hash(method.as_bytes()), word_hash(path.as_bytes()))
+            }
+            None => OpKey(word_hash(name.as_bytes())),
+        }
     }
 
-    /// The key of the default name, `default_operation(method, path)`, without building it:
-    /// one pass over the path, each segment looked at once to tell an id, then hashed.
+    /// The key of the default name, `default_operation(method, path)`, without formatting
+    /// it: a path without an id-like segment (most API paths) is hashed as it is, eight
+    /// bytes at a time; one with ids is collapsed on the stack first.
     pub(crate) fn of_method_path(method: &http::Method, path: &str) -> Self {
         // Must equal `of_name(&default_operation(method, path))`, which names the entry.
-        let mut h = Self::feed(Self::SEED, method.as_str().as_bytes());
-        h = Self::feed(h, b" ");
-        let mut first = true;
-        for segment in path.as_bytes().split(|b| *b == b'/') {
-            if !first {
-                h = Self::feed(h, b"/");
+        let bytes = path.as_bytes();
+        let path_hash = if has_id_segment(bytes) {
+            collapsed_hash(path)
+        } else {
+            word_hash(bytes)
+        };
+        Self::join(word_hash(method.as_str().as_bytes()), path_hash)
+    }
+
+    fn join(method: u64, path: u64) -> Self {
+        OpKey(mix(method.rotate_left(17) ^ 0x6a09_e667_f3bc_c908, path))
+    }
+}
+
+const K: u64 = 0x9e37_79b9_7f4a_7c15;
+
+#[inline]
+fn mix(h: u64, word: u64) -> u64 {
+    let x = (h ^ word).wrapping_mul(K);
+    x ^ (x >> 29)
+}
+
+/// A 64-bit hash of bytes, eight at a time (multiply-xorshift). Not collision resistant
+/// against an adversary: the stats map it keys is capped, and a collision only merges two
+/// operations' counts.
+#[inline]
+fn word_hash(bytes: &[u8]) -> u64 {
+    let mut h = mix(0xcbf2_9ce4_8422_2325, bytes.len() as u64);
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        h = mix(h, u64::from_le_bytes(word));
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        h = mix(h, tail_word(rest));
+    }
+    h
+}
+
+/// The last 1 to 7 bytes as one word, without a `memcpy` call: two overlapping 4-byte reads,
+/// or the first, middle and last byte (the length is mixed in already).
+#[inline]
+fn tail_word(rest: &[u8]) -> u64 {
+    let n = rest.len();
+    if let (Some(lo), Some(hi)) = (rest.first_chunk::<4>(), rest.last_chunk::<4>()) {
+        return u64::from(u32::from_le_bytes(*lo)) | (u64::from(u32::from_le_bytes(*hi)) << 32);
+    }
+    let byte = |i: usize| u64::from(rest.get(i).copied().unwrap_or(0));
+    byte(0) | (byte(n / 2) << 8) | (byte(n.saturating_sub(1)) << 16)
+}
+
+/// Whether any segment of the path is id-like.
+fn has_id_segment(path: &[u8]) -> bool {
+    path.split(|b| *b == b'/')
+        .any(|segment| maybe_id(segment) && is_id_bytes(segment))
+}
+
+/// The hash of the collapsed path, collapsed into a stack buffer (a heap one past it).
+#[cold]
+fn collapsed_hash(path: &str) -> u64 {
+    let mut buf = [0u8; 512];
+    let mut len = 0usize;
+    for (i, segment) in path.as_bytes().split(|b| *b == b'/').enumerate() {
+        let piece: &[u8] = if is_id_bytes(segment) {
+            ID.as_bytes()
+        } else {
+            segment
+        };
+        let sep = usize::from(i > 0);
+        match buf.get_mut(len..len + sep + piece.len()) {
+            Some(room) => {
+                if let Some((slash, rest)) = room.split_first_mut().filter(|_| sep == 1) {
+                    *slash = b'/';
+                    rest.copy_from_slice(piece);
+                } else {
+                    room.copy_from_slice(piece);
+                }
+                len += sep + piece.len();
             }
-            first = false;
-            let text = if is_id_bytes(segment) {
-                ID.as_bytes()
-            } else {
-                segment
-            };
-            h = Self::feed(h, text);
+            None => {
+                // Longer than the buffer: collapse on the heap.
+                return word_hash(collapse_path(path).as_bytes());
+            }
         }
-        OpKey(h)
+    }
+    word_hash(buf.get(..len).unwrap_or_default())
+}
+
+/// Whether a segment may be an id: the cheap test that rules out most segments (shorter
+/// than 16 bytes and not starting with a digit).
+#[inline]
+fn maybe_id(segment: &[u8]) -> bool {
+    match segment.first() {
+        None => false,
+        Some(c) => segment.len() >= 16 || c.is_ascii_digit(),
     }
 }
 
@@ -192,7 +271,11 @@ mod tests {
 
     #[test]
     fn op_key_of_method_path_equals_of_name() {
+        let long_ids = "/1".repeat(300);
         let paths = [
+            long_ids.as_str(),
+            "/v1/threads/thread_abc123def456ghi789jk/runs/12",
+            "/v1/files/0123456789abcdef0123/content",
             "",
             "/",
             "/x",

@@ -38,8 +38,9 @@ pin_project! {
 pin_project! {
     /// The future of [`Retry`](crate::Retry): one logical call, all its attempts.
     ///
-    /// An unboxed state machine. The success path allocates nothing of its own; a failure
-    /// boxes the waiting call, and may box the budget store's answer and the backoff's timer.
+    /// An unboxed state machine. A call answered at once allocates nothing of its own; a
+    /// call that waits boxes its deadline's timer (once), and a failure boxes the waiting
+    /// call, and may box the budget store's answer and the backoff's timer.
     ///
     /// Nothing of the call runs past its `max_total_time`: the first time the call has to
     /// wait (an attempt in flight, the budget store, the inner service getting ready), a
@@ -53,8 +54,9 @@ pin_project! {
     {
         #[pin]
         state: State<S::Future, Req, S::Response, S::Error>,
-        #[pin]
-        deadline: Option<Sleep>,
+        // Boxed, and armed only once the call waits: a call answered at once never
+        // allocates it, and the future stays small to move.
+        deadline: Option<Pin<Box<Sleep>>>,
         span: tracing::Span,
         service: S,
         config: Arc<Config<C, H>>,
@@ -70,6 +72,7 @@ type StateOf<S, Req> = State<
 >;
 
 impl<S: Service<Req>, Req, C, H> ResponseFuture<S, Req, C, H> {
+    #[inline(always)]
     pub(crate) fn calling(
         attempt: S::Future,
         call: Call<Req>,
@@ -111,8 +114,8 @@ where
         let mut this = self.project();
         let _entered = (!this.span.is_none()).then(|| this.span.enter());
         let config = &**this.config;
-        if let Some(deadline) = this.deadline.as_mut().as_pin_mut() {
-            if deadline.poll(cx).is_ready() {
+        if let Some(deadline) = this.deadline.as_mut() {
+            if deadline.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(out_of_time::<S, Req, C, H>(config, this.state));
             }
         }
@@ -132,11 +135,9 @@ where
                 StateProj::Waiting { wait } => wait.call.deadline,
                 StateProj::Refused { .. } | StateProj::Done => return polled,
             };
-            this.deadline.set(Some(tokio::time::sleep_until(at)));
-            if let Some(deadline) = this.deadline.as_mut().as_pin_mut() {
-                if deadline.poll(cx).is_ready() {
-                    return Poll::Ready(out_of_time::<S, Req, C, H>(config, this.state));
-                }
+            let deadline = this.deadline.insert(Box::pin(tokio::time::sleep_until(at)));
+            if deadline.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(out_of_time::<S, Req, C, H>(config, this.state));
             }
         }
         polled
@@ -163,7 +164,9 @@ where
     loop {
         let next = match state.as_mut().project() {
             StateProj::Calling { attempt, call } => {
-                let result = {
+                let result = if call.attempt_span.is_none() {
+                    ready!(attempt.poll(cx))
+                } else {
                     let _entered = call.attempt_span.enter();
                     ready!(attempt.poll(cx))
                 };
@@ -172,7 +175,9 @@ where
                 if let Outcome::Success = outcome {
                     // The success path moves nothing: the call is read in place. The attempt's
                     // span ends first (the final event is on the call's span).
-                    call.attempt_span = tracing::Span::none();
+                    if !call.attempt_span.is_none() {
+                        call.attempt_span = tracing::Span::none();
+                    }
                     let output = succeed(config, call, result, waited);
                     state.set(State::Done);
                     return Poll::Ready(output);

@@ -88,11 +88,13 @@ where
         match Call::start(&self.config, &mut request) {
             Ok(mut call) => {
                 let span = span(&call, &request);
-                call.attempt_span = attempt_span(&span, &request, 0, call.op.as_str());
                 self.config.stats.record_original_attempt(&call.op.handle);
-                // Entered while the inner service builds its future: its own spans (a
-                // `TraceLayer`, a client's) nest under the attempt.
-                let attempt = {
+                let attempt = if span.is_none() {
+                    self.inner.call(request)
+                } else {
+                    call.attempt_span = attempt_span(&span, &request, 0, call.op.as_str());
+                    // Entered while the inner service builds its future: its own spans (a
+                    // `TraceLayer`, a client's) nest under the attempt.
                     let _entered = call.attempt_span.enter();
                     self.inner.call(request)
                 };
