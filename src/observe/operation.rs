@@ -96,6 +96,13 @@ impl OpKey {
         Self::join(word_hash(method.as_str().as_bytes()), path_hash)
     }
 
+    /// The key of `METHOD path` with the path as it is (equal to
+    /// [`OpKey::of_method_path`] when no segment is an id).
+    #[inline]
+    pub(crate) fn of_raw_path(method: &http::Method, path: &str) -> Self {
+        Self::join(word_hash(method.as_str().as_bytes()), word_hash(path.as_bytes()))
+    }
+
     fn join(method: u64, path: u64) -> Self {
         OpKey(mix(method.rotate_left(17) ^ 0x6a09_e667_f3bc_c908, path))
     }
@@ -298,6 +305,12 @@ mod tests {
                 assert_eq!(
                     OpKey::of_method_path(m, p),
                     OpKey::of_name(default_operation(m, p).as_str()),
+                    "{m} {p}"
+                );
+                // The raw path's key is the entry's key exactly when nothing collapses.
+                assert_eq!(
+                    OpKey::of_raw_path(m, p) == OpKey::of_method_path(m, p),
+                    collapse_path(p) == p,
                     "{m} {p}"
                 );
             }

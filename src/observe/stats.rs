@@ -199,6 +199,22 @@ impl RetryStats {
         now.saturating_duration_since(self.inner.origin).as_secs() / BUCKET_SECS
     }
 
+    /// The entry of an HTTP request's default operation (`METHOD /collapsed/path`). The
+    /// path is first looked up as it is: a path without an id-like segment (most API
+    /// paths, and every one seen before) is its own collapsed form, so one hash and one map
+    /// read name it, with no scan for ids. A path with ids misses (its raw form is never an
+    /// entry) and is collapsed.
+    pub(crate) fn handle_of_path(&self, method: &http::Method, path: &str) -> OpHandle {
+        if let Some(op) = self.inner.ops.get(&OpKey::of_raw_path(method, path).0) {
+            return OpHandle(op.clone());
+        }
+        self.handle(OpKey::of_method_path(method, path), || {
+            super::operation::default_operation(method, path)
+                .as_str()
+                .to_owned()
+        })
+    }
+
     /// The entry of an operation, made (and named) on first sight. One map read on the
     /// success path.
     pub(crate) fn handle(&self, key: OpKey, name: impl FnOnce() -> String) -> OpHandle {

@@ -193,9 +193,7 @@ impl OpName {
             }
             (None, Some(method), Some(uri)) => {
                 let path = uri.path();
-                let handle = stats.handle(OpKey::of_method_path(method, path), || {
-                    default_operation(method, path).as_str().to_owned()
-                });
+                let handle = stats.handle_of_path(method, path);
                 let own = handle
                     .is_overflow()
                     .then(|| default_operation(method, path));
