@@ -1,7 +1,8 @@
 //! Feature `metrics`: what the layer records through the [`metrics`] facade, under one
 //! naming convention: the crate's prefix `tower_retry_guard_`, Prometheus style (snake
 //! case, `_total` on counters, the unit as a suffix: `_seconds`). Each metric is described
-//! (HELP text and unit) by [`describe`].
+//! (HELP text and unit) by
+//! [`RetryStats::describe_metrics`](crate::RetryStats::describe_metrics).
 //!
 //! | name | type | labels | counts |
 //! | --- | --- | --- | --- |
@@ -37,10 +38,9 @@ pub const STREAM_FAILURES: &str = "tower_retry_guard_stream_failures_total";
 /// The cost of the retries sent, in the user's units (`Cost`), by `error_type`.
 pub const RETRY_COST: &str = "tower_retry_guard_retry_cost_total";
 
-/// Describes every metric (HELP text and unit) to the installed recorder. Called when a
-/// [`RetryStats`](crate::RetryStats) is made (so a recorder installed before the layer is
-/// built learns them); call it again after installing a recorder later.
-pub fn describe() {
+/// Describes every metric to the installed recorder (see
+/// [`RetryStats::describe_metrics`](crate::RetryStats::describe_metrics)).
+pub(crate) fn describe() {
     metrics::describe_counter!(
         ATTEMPTS,
         Unit::Count,

@@ -100,7 +100,10 @@ impl OpKey {
     /// [`OpKey::of_method_path`] when no segment is an id).
     #[inline]
     pub(crate) fn of_raw_path(method: &http::Method, path: &str) -> Self {
-        Self::join(word_hash(method.as_str().as_bytes()), word_hash(path.as_bytes()))
+        Self::join(
+            word_hash(method.as_str().as_bytes()),
+            word_hash(path.as_bytes()),
+        )
     }
 
     fn join(method: u64, path: u64) -> Self {

@@ -166,6 +166,16 @@ impl RetryStats {
         RetryStats::with_max_operations(DEFAULT_MAX_OPERATIONS)
     }
 
+    /// Feature `metrics`: describes every metric of [`observe::metrics`](crate::observe::metrics)
+    /// (HELP text and unit) to the installed recorder. Called when a `RetryStats` is made
+    /// (so a recorder installed before the layer is built learns them); call it again
+    /// after installing a recorder later.
+    #[cfg(feature = "metrics")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "metrics")))]
+    pub fn describe_metrics() {
+        super::metrics::describe();
+    }
+
     /// Empty stats tracking at most `max` operations; the rest are counted under
     /// [`RetryStats::OVERFLOW_OPERATION`].
     pub fn with_max_operations(max: usize) -> Self {

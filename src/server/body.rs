@@ -2,14 +2,12 @@
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use tower::BoxError;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::sync::mpsc;
-
-/// A boxed error, as the bodies of [`Idempotency`](super::Idempotency) report them.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// A frame as the recorder hands it on.
 pub(crate) type Relayed = Result<Frame<Bytes>, BoxError>;

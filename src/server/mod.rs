@@ -91,9 +91,9 @@ mod idempotency;
 mod memory;
 mod store;
 
-pub use self::body::{BoxError, IdempotencyBody};
+pub use self::body::IdempotencyBody;
 pub use self::config::ConfigError;
-pub use self::dedupe::{Dedupe, DedupeError, DedupeFuture, DedupeLayer, KeyFn, NoScope, ScopeFn};
+pub use self::dedupe::{Dedupe, DedupeError, DedupeFuture, DedupeLayer, KeyFn, ScopeFn};
 pub use self::idempotency::{
     IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED, Idempotency, IdempotencyLayer, IdempotencyLayerBuilder,
     OversizedResponse, ReleaseKey, ResponseFuture, UnknownOutcome,

@@ -19,7 +19,7 @@ mod state;
 
 use self::state::{ScopedId, Shared, Slot, State};
 
-pub use self::request::{DedupeError, KeyFn, NoScope, ScopeFn};
+pub use self::request::{DedupeError, KeyFn, ScopeFn};
 
 use super::CatchUnwind;
 
@@ -49,7 +49,7 @@ struct Config {
 /// expired results swept every 60 s. State lives in memory and is shared by the
 /// clones of one [`Dedupe`] (each [`Layer::layer`] call makes a new one).
 #[derive(Debug, Clone)]
-pub struct DedupeLayer<K, P = NoScope> {
+pub struct DedupeLayer<K, P = ()> {
     key: K,
     scope: P,
     config: Config,
@@ -60,7 +60,7 @@ impl<K> DedupeLayer<K> {
     pub fn new(key: K) -> Self {
         DedupeLayer {
             key,
-            scope: NoScope,
+            scope: (),
             config: Config {
                 ttl: Duration::from_secs(24 * 60 * 60),
                 cache_errors: false,
@@ -140,7 +140,7 @@ impl<S, K: Clone, P: Clone> Layer<S> for DedupeLayer<K, P> {
 
 /// The service made by [`DedupeLayer`]. Clones share their keys.
 #[derive(Clone)]
-pub struct Dedupe<S, K, P = NoScope> {
+pub struct Dedupe<S, K, P = ()> {
     inner: S,
     key: K,
     scope: P,

@@ -23,8 +23,8 @@ where
 
 /// Reads the scope of a request (a user, a tenant, a task): each scope holds at most its
 /// share of the layer's keys, and a key deduplicates only within its scope. Implemented by
-/// closures `Fn(&Req) -> Option<String>`; [`NoScope`] (the default) puts every request in
-/// one scope.
+/// closures `Fn(&Req) -> Option<String>`; `()` (the default) puts every request in one
+/// scope.
 pub trait ScopeFn<Req> {
     /// The request's scope; `None`: the shared scope.
     fn scope(&self, req: &Req) -> Option<String>;
@@ -39,11 +39,9 @@ where
     }
 }
 
-/// No scopes: every request is in the shared scope (the default of [`DedupeLayer`](super::DedupeLayer)).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct NoScope;
-
-impl<Req> ScopeFn<Req> for NoScope {
+/// No scopes: every request is in the shared scope (the default of
+/// [`DedupeLayer`](super::DedupeLayer)).
+impl<Req> ScopeFn<Req> for () {
     fn scope(&self, _: &Req) -> Option<String> {
         None
     }

@@ -12,8 +12,9 @@ use tower::Service;
 use super::Config;
 use super::respond::{kind, problem};
 use crate::request::IdempotencyKey;
-use crate::server::body::{BoxError, IdempotencyBody};
+use crate::server::body::IdempotencyBody;
 use crate::server::store::{Fingerprint, IdempotencyStore, ScopedKey};
+use tower::BoxError;
 
 pub(super) async fn handle<S, St, B, ResBody>(
     mut inner: S,

@@ -14,9 +14,10 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::Body;
 use tower::{Layer, Service};
 
-use super::body::{BoxError, IdempotencyBody};
+use super::body::IdempotencyBody;
 use super::memory::MemoryIdempotencyStore;
 use super::store::IdempotencyStore;
+use tower::BoxError;
 
 pub use self::builder::IdempotencyLayerBuilder;
 /// Shared with the function-level dedupe (`crate::guard`): one way to keep and end a claim.

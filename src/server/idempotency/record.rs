@@ -18,9 +18,10 @@ use tokio::time::{Instant, Sleep};
 use super::claim::{LeaseKeeper, release};
 use super::respond::not_replayable;
 use super::{Config, OversizedResponse};
-use crate::server::body::{BoxError, Relayed};
+use crate::server::body::Relayed;
 use crate::server::memory::MARKER_RESERVE;
 use crate::server::store::{Claim, IdempotencyStore, Ownership, ScopedKey, Stored};
+use tower::BoxError;
 
 /// Relays a response to the client as it is produced and records it for replays.
 pub(super) struct Recorder<St> {

@@ -22,8 +22,9 @@ use super::record::Recorder;
 use super::respond::{kind, outcome_unknown, problem, replay, retry_later, storable_headers};
 use super::{Config, ReleaseKey};
 use crate::server::CatchUnwind;
-use crate::server::body::{BoxError, IdempotencyBody};
+use crate::server::body::IdempotencyBody;
 use crate::server::store::{Begin, Claim, ClaimToken, Fingerprint, IdempotencyStore, ScopedKey};
+use tower::BoxError;
 
 /// Frames relayed ahead of a slow client before the recorder waits for it.
 const RELAY_BUFFER: usize = 16;
