@@ -65,7 +65,7 @@ impl<Req: RetryRequest> Call<Req> {
     /// Decides, once, the side effect, the key, the operation and the deadline, takes the
     /// copy for a retry, and stamps the first attempt (key, attempt 0). An invalid key is a
     /// refusal: nothing is sent.
-    #[inline(always)]
+    #[inline]
     pub(crate) fn start<C, H>(config: &Config<C, H>, request: &mut Req) -> Result<Self, Refused> {
         let side_effect = side_effect_of(config, request);
         let op = OpName::of(config, request);

@@ -72,7 +72,6 @@ type StateOf<S, Req> = State<
 >;
 
 impl<S: Service<Req>, Req, C, H> ResponseFuture<S, Req, C, H> {
-    #[inline(always)]
     pub(crate) fn calling(
         attempt: S::Future,
         call: Call<Req>,
