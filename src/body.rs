@@ -10,10 +10,19 @@
 //! (status >= 400) up to a limit and puts a copy in the response's extensions as
 //! [`ErrorBody`], so that [`LlmHttp`](crate::LlmHttp) can tell a 429 "rate limited" from a
 //! 429 "out of quota". The body is handed back intact.
+//!
+//! Neither waits on a body that stalls: when the next frame is not there within the stall
+//! timeout (default 100 ms, `stall_timeout`), buffering stops and the body goes on as it is
+//! (the bytes read first, then the rest), exactly as past the limit. A request body whose
+//! producer waits for the response (a client-streaming or bidirectional gRPC call, a
+//! channel fed by the caller) would otherwise never end, and the call would hang; such a
+//! request is passed on unbuffered, so not retried. An error body that stalls is handed on
+//! without an [`ErrorBody`] (the classifier judges the status and headers).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::{Request, Response};
@@ -49,14 +58,44 @@ impl<B> BufferedBody<B> {
     }
 
     /// Reads `body` into memory, up to `limit` bytes. Past the limit, the bytes read so far
-    /// are kept in front of the unread rest.
-    pub async fn buffer(mut body: B, limit: usize) -> Result<Self, B::Error>
+    /// are kept in front of the unread rest. Waits as long as the body takes (the layers
+    /// stop waiting on a stalled body: see the module docs).
+    pub async fn buffer(body: B, limit: usize) -> Result<Self, B::Error>
+    where
+        B: Body + Unpin,
+    {
+        Self::buffer_within(body, limit, None).await
+    }
+
+    /// [`BufferedBody::buffer`], giving up (the bytes read so far kept in front of the
+    /// unread rest) when no frame comes within `stall`.
+    async fn buffer_within(
+        mut body: B,
+        limit: usize,
+        stall: Option<Duration>,
+    ) -> Result<Self, B::Error>
     where
         B: Body + Unpin,
     {
         let mut buf = BytesMut::new();
-        // Bounded: each frame adds data, and we stop once past the limit or at the end.
-        while let Some(frame) = body.frame().await {
+        // Bounded: each frame adds data, and we stop once past the limit, at the end, or
+        // when the body stalls.
+        loop {
+            let next = match stall {
+                Some(stall) => match tokio::time::timeout(stall, body.frame()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        return Ok(BufferedBody {
+                            prefix: Some(buf.freeze()),
+                            rest: Some(body),
+                        });
+                    }
+                },
+                None => body.frame().await,
+            };
+            let Some(frame) = next else {
+                break;
+            };
             let frame = frame?;
             if let Ok(mut data) = frame.into_data() {
                 buf.extend_from_slice(&data.copy_to_bytes(data.remaining()));
@@ -136,16 +175,31 @@ where
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
+/// How long the buffering layers wait for a body's next frame before they stop buffering.
+const DEFAULT_STALL: Duration = Duration::from_millis(100);
+
 /// Buffers request bodies up to a limit so requests can be retried; see the module docs.
 #[derive(Debug, Clone, Copy)]
 pub struct BufferRequestBodyLayer {
     limit: usize,
+    stall: Duration,
 }
 
 impl BufferRequestBodyLayer {
     /// Buffers up to `limit` bytes of each request body.
     pub fn new(limit: usize) -> Self {
-        BufferRequestBodyLayer { limit }
+        BufferRequestBodyLayer {
+            limit,
+            stall: DEFAULT_STALL,
+        }
+    }
+
+    /// How long to wait for the body's next frame before passing the request on unbuffered
+    /// (so not retried); default 100 ms. A body whose producer waits for the response
+    /// (streaming gRPC) never ends while the layer waits: see the module docs.
+    pub fn stall_timeout(mut self, stall: Duration) -> Self {
+        self.stall = stall;
+        self
     }
 }
 
@@ -155,6 +209,7 @@ impl<S> Layer<S> for BufferRequestBodyLayer {
         BufferRequestBody {
             inner,
             limit: self.limit,
+            stall: self.stall,
         }
     }
 }
@@ -164,6 +219,7 @@ impl<S> Layer<S> for BufferRequestBodyLayer {
 pub struct BufferRequestBody<S> {
     inner: S,
     limit: usize,
+    stall: Duration,
 }
 
 impl<S, B> Service<Request<B>> for BufferRequestBody<S>
@@ -185,10 +241,10 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let limit = self.limit;
+        let (limit, stall) = (self.limit, self.stall);
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let body = BufferedBody::buffer(body, limit)
+            let body = BufferedBody::buffer_within(body, limit, Some(stall))
                 .await
                 .map_err(Into::into)?;
             inner
@@ -208,13 +264,24 @@ pub struct ErrorBody(pub Bytes);
 #[derive(Debug, Clone, Copy)]
 pub struct BufferErrorBodyLayer {
     limit: usize,
+    stall: Duration,
 }
 
 impl BufferErrorBodyLayer {
     /// Buffers up to `limit` bytes of each error response body (64 KiB is plenty for an
     /// API error).
     pub fn new(limit: usize) -> Self {
-        BufferErrorBodyLayer { limit }
+        BufferErrorBodyLayer {
+            limit,
+            stall: DEFAULT_STALL,
+        }
+    }
+
+    /// How long to wait for the error body's next frame before handing the response on
+    /// without an [`ErrorBody`]; default 100 ms.
+    pub fn stall_timeout(mut self, stall: Duration) -> Self {
+        self.stall = stall;
+        self
     }
 }
 
@@ -224,6 +291,7 @@ impl<S> Layer<S> for BufferErrorBodyLayer {
         BufferErrorBody {
             inner,
             limit: self.limit,
+            stall: self.stall,
         }
     }
 }
@@ -233,6 +301,7 @@ impl<S> Layer<S> for BufferErrorBodyLayer {
 pub struct BufferErrorBody<S> {
     inner: S,
     limit: usize,
+    stall: Duration,
 }
 
 impl<S, Req, B> Service<Req> for BufferErrorBody<S>
@@ -253,7 +322,7 @@ where
 
     fn call(&mut self, request: Req) -> Self::Future {
         let future = self.inner.call(request);
-        let limit = self.limit;
+        let (limit, stall) = (self.limit, self.stall);
         Box::pin(async move {
             let response = future.await.map_err(Into::into)?;
             let status = response.status();
@@ -267,7 +336,7 @@ where
                     },
                 ));
             }
-            let body = BufferedBody::buffer(body, limit)
+            let body = BufferedBody::buffer_within(body, limit, Some(stall))
                 .await
                 .map_err(Into::into)?;
             if let Some(bytes) = body.as_bytes() {
