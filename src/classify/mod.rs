@@ -28,9 +28,10 @@
 //!   retries (absent on the first attempt, `1` on the first retry);
 //! - [`BufferRequestBodyLayer`](crate::body::BufferRequestBodyLayer) keeps the encoded request
 //!   message (up to a limit) so it can be sent again; a larger request goes once, unretried
-//!   (the layer warns: "cannot be cloned"). It reads the request body to its end before the
-//!   first attempt: put this stack in front of unary and server-streaming calls, not in
-//!   front of a client-streaming or bidirectional call whose request stream stays open.
+//!   (the layer warns: "cannot be cloned"). It reads the request body before the first
+//!   attempt, and stops waiting when the stream stalls (100 ms by default): a
+//!   client-streaming or bidirectional call whose request stream stays open goes once,
+//!   unbuffered and unretried, rather than hang.
 //!
 //! ```no_run
 //! use tonic::body::Body;
