@@ -723,3 +723,79 @@ async fn every_task_id_shape_is_charged_in_redis_too() {
         assert_eq!(retried(&second), 0, "{id:?}: charged, so no second retry");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Claims and results that must be on a replica before they count (`wait_for_replicas`).
+
+fn signal(pid: u32, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill(1)");
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+/// Whether the server on `port` holds `key`.
+fn holds(port: u16, key: &str) -> bool {
+    ask(port, &format!("EXISTS {key}\r\n")).is_ok_and(|a| a.starts_with(":1"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_or_result_no_replica_holds_does_not_count() {
+    let master = RedisServer::start();
+    let replica = RedisServer::start_replica_of(master.port);
+    let store = master
+        .store("wait:")
+        .timeout(Duration::from_secs(2))
+        .wait_for_replicas(1, Duration::from_millis(300));
+    let lease = Duration::from_secs(30);
+    let fp = Fingerprint::of(&http::Method::POST, "/send", b"{}");
+
+    // A healthy replica: the claim counts, and the replica holds it the moment it does.
+    let k1 = key(None, "one");
+    let c1 = claim(fp, lease);
+    assert!(matches!(store.begin(&k1, &c1).await, Ok(Begin::Claimed)));
+    assert!(
+        holds(replica.port, "wait:i:g:one"),
+        "claimed before the replica had it"
+    );
+    assert!(matches!(
+        store.complete(&k1, &c1, response(1), lease).await,
+        Ok(Ownership::Held)
+    ));
+
+    // A frozen replica: the master takes the claim, but no replica acknowledges it within
+    // 300 ms, so it does not count (the layer then releases it and answers 503).
+    signal(replica.pid(), "-STOP");
+    let k2 = key(None, "two");
+    let c2 = claim(fp, lease);
+    let started = std::time::Instant::now();
+    let begun = store.begin(&k2, &c2).await;
+    let error = begun.expect_err("a claim no replica holds was counted");
+    assert!(error.to_string().contains("0 of 1 replicas"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    // Same for a result: an error, so the layer writes it again while it holds the claim.
+    let done = store.complete(&k1, &c1, response(1), lease).await;
+    assert!(done.is_err(), "{done:?}");
+
+    // The replica back: the result is written again and acknowledged.
+    signal(replica.pid(), "-CONT");
+    eventually(50, || async {
+        match store.complete(&k1, &c1, response(1), lease).await {
+            Ok(Ownership::Held) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    assert!(holds(replica.port, "wait:i:g:one"));
+
+    // Off by default: the same frozen replica does not hold a claim up.
+    signal(replica.pid(), "-STOP");
+    let plain = master.store("plain:").timeout(Duration::from_secs(2));
+    let k3 = key(None, "three");
+    assert!(matches!(
+        plain.begin(&k3, &claim(fp, lease)).await,
+        Ok(Begin::Claimed)
+    ));
+    signal(replica.pid(), "-CONT");
+}

@@ -432,3 +432,78 @@ async fn a_master_killed_mid_run_runs_no_handler_twice_and_overdraws_no_budget()
     );
     assert!(gap > 0, "budget draws in the gap fail closed");
 }
+
+/// `wait_for_replicas` on a cluster: each claim waits for the replica of its own slot's
+/// master, so a frozen replica holds up exactly the keys of its master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_waits_for_the_replica_of_its_own_master() {
+    let cluster = RedisCluster::start(3, 1);
+    let store = cluster
+        .store("wait:")
+        .timeout(Duration::from_secs(2))
+        .wait_for_replicas(1, Duration::from_millis(300));
+    eventually(100, || store.ping()).await;
+    let lease = Duration::from_secs(30);
+    let fp = Fingerprint::of(&http::Method::POST, "/send", b"{}");
+
+    // A claim with every replica healthy; find its master, then freeze that master's replica.
+    let first = key(None, "first");
+    let c1 = claim(fp, lease);
+    assert!(matches!(store.begin(&first, &c1).await, Ok(Begin::Claimed)));
+    let master = *cluster
+        .masters()
+        .iter()
+        .find(|&&m| !RedisCluster::keys(m, "wait:i:*").is_empty())
+        .expect("the first claim's master");
+    let replica = cluster.replica_of(master).expect("its replica");
+    let pid = cluster.pid(replica).expect("the replica's pid").to_string();
+    let signal = |sig: &str| {
+        let status = std::process::Command::new("kill")
+            .args([sig, &pid])
+            .status()
+            .expect("kill(1)");
+        assert!(status.success(), "kill {sig} {pid}");
+    };
+    signal("-STOP");
+
+    // The first key's result is not acknowledged; claims on the other masters still are,
+    // claims on the frozen replica's master are not.
+    let done = store.complete(&first, &c1, response(1), lease).await;
+    assert!(done.is_err(), "{done:?}");
+    let (mut held_up, mut counted) = (0, 0);
+    for i in 0..24 {
+        let name = format!("k{i}");
+        let begun = store.begin(&key(None, &name), &claim(fp, lease)).await;
+        let on_master = RedisCluster::keys(master, &format!("wait:i:*:{name}"));
+        match begun {
+            Ok(Begin::Claimed) => {
+                assert!(
+                    on_master.is_empty(),
+                    "{name} counted on the frozen replica's master"
+                );
+                counted += 1;
+            }
+            Err(e) => {
+                assert!(
+                    !on_master.is_empty(),
+                    "{name} held up on another master: {e}"
+                );
+                assert!(e.to_string().contains("0 of 1 replicas"), "{e}");
+                held_up += 1;
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
+    signal("-CONT");
+    assert!(
+        held_up > 0 && counted > 0,
+        "{held_up} held up, {counted} counted"
+    );
+    eventually(50, || async {
+        match store.complete(&first, &c1, response(1), lease).await {
+            Ok(Ownership::Held) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+}

@@ -64,6 +64,29 @@ impl Conn {
         }
     }
 
+    /// Runs `WAIT` on the connection that wrote `key` (on a cluster: its slot's master).
+    pub(super) async fn wait(&self, wait: &Cmd, key: &str) -> RedisResult<Value> {
+        match self {
+            Conn::Single(m) => {
+                let _ = key;
+                wait.query_async(&mut m.clone()).await
+            }
+            #[cfg(feature = "redis-cluster")]
+            Conn::Cluster(c) => {
+                use ::redis::cluster_routing::{
+                    Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+                };
+                let route = Route::with_key(key, SlotAddr::Master);
+                c.current()
+                    .route_command(
+                        wait.clone(),
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                    )
+                    .await
+            }
+        }
+    }
+
     /// A call failed with `error` (`None`: it timed out). A cluster connection that may have
     /// lost track of the cluster (a dead node, a failover) is rebuilt.
     pub(super) fn failed(&self, error: Option<&RedisError>) {

@@ -150,7 +150,11 @@ impl IdempotencyStore for RedisStore {
             return Err(bad("unexpected answer"));
         };
         match items.as_slice() {
-            [Value::Int(0)] => Ok(Begin::Claimed),
+            [Value::Int(0)] => {
+                // A claim counts once the replicas asked for hold it.
+                self.replicated("idempotency begin", key).await?;
+                Ok(Begin::Claimed)
+            }
             [Value::Int(1)] => Ok(Begin::InFlight),
             [Value::Int(2), Value::BulkString(bytes)] => decode_stored(bytes).map(Begin::Done),
             [Value::Int(3)] => Ok(Begin::Mismatch),
@@ -181,7 +185,10 @@ impl IdempotencyStore for RedisStore {
             )
             .await?
         {
-            1 | 2 => Ok(Ownership::Held),
+            1 | 2 => {
+                self.replicated("idempotency complete", key).await?;
+                Ok(Ownership::Held)
+            }
             0 => Ok(Ownership::Lost),
             n => Err(store_error(
                 "idempotency complete",

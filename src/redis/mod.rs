@@ -91,7 +91,9 @@
 //! replica has it is lost in the failover. A lost claim is re-made by its holder's next
 //! renewal (every third of the lease) and a lost result by nothing: a retry of that request
 //! could then run it again. The window is the replication lag (well under a millisecond on a
-//! healthy link); this store does not close it (no `WAIT`). What a
+//! healthy link). [`RedisStore::wait_for_replicas`] closes it: a claim or a result counts
+//! only once a replica holds it (`WAIT`), at the price of a round trip and of holding the
+//! connection while it waits. What a
 //! [`StoreError`] means for a retry is [`Budgets::on_store_error`](crate::Budgets::on_store_error)
 //! (fail closed by default); the [`IdempotencyLayer`](crate::server::IdempotencyLayer) answers
 //! 503.
@@ -158,6 +160,9 @@ pub struct RedisStore {
     prefix: Arc<str>,
     timeout: Duration,
     max_keys_per_principal: u64,
+    /// Replicas that must hold an idempotency claim or result before it counts, and how
+    /// long to wait for them (`WAIT`).
+    replicas: Option<(u32, Duration)>,
 }
 
 /// The default share of idempotency keys one principal may hold in Redis.
@@ -169,6 +174,7 @@ impl fmt::Debug for RedisStore {
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
             .field("max_keys_per_principal", &self.max_keys_per_principal)
+            .field("replicas", &self.replicas)
             .finish_non_exhaustive()
     }
 }
@@ -259,6 +265,68 @@ impl RedisStore {
             prefix: Arc::from(Self::DEFAULT_PREFIX),
             timeout: Self::DEFAULT_TIMEOUT,
             max_keys_per_principal: DEFAULT_MAX_KEYS_PER_PRINCIPAL,
+            replicas: None,
+        }
+    }
+
+    /// Makes idempotency claims and results survive a failover: after each claim and each
+    /// result it writes, the store waits (Redis `WAIT`) until `replicas` replicas hold the
+    /// write, at most `timeout`. Fewer acknowledgments are a [`StoreError`]: a claim is then
+    /// released and its request answered 503 (the layer's store-error answer), a result is
+    /// written again while the claim is kept. Off by default (`0` turns it off).
+    ///
+    /// Why: Redis replicates asynchronously. A master that dies after acknowledging a claim
+    /// but before its replica has it is replaced by a replica that never saw the claim, and
+    /// a retry of the request would run its handler a second time. With `WAIT`, a claim
+    /// counts only once a replica holds it (Redis Cluster and Sentinel promote the most
+    /// up-to-date replica).
+    ///
+    /// The cost: one more round trip per claim and per result, and `WAIT` holds the
+    /// connection it runs on, so the store's other calls queue behind it (with healthy
+    /// replicas, for one replication round trip; with none answering, for `timeout`: keep
+    /// it well under the store's timeout). Budget draws are not waited for (a lost draw
+    /// only gives back retries).
+    pub fn wait_for_replicas(mut self, replicas: u32, timeout: Duration) -> Self {
+        self.replicas = (replicas > 0).then_some((replicas, timeout));
+        self
+    }
+
+    /// Waits (if asked: [`RedisStore::wait_for_replicas`]) until enough replicas hold this
+    /// connection's writes, the last of them on the node of idempotency key `key`.
+    async fn replicated(&self, what: &str, key: &ScopedKey) -> Result<(), StoreError> {
+        let Some((replicas, timeout)) = self.replicas else {
+            return Ok(());
+        };
+        let key = self.idempotency_keys(key).key;
+        let mut wait = ::redis::cmd("WAIT");
+        // `WAIT n 0` would block for ever: at least 1 ms.
+        wait.arg(replicas).arg(millis(timeout));
+        // Bounded: the store's timeout on top of the wait Redis was asked for.
+        let bound = self.timeout.saturating_add(timeout);
+        let answer = match tokio::time::timeout(bound, self.conn.wait(&wait, &key)).await {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => {
+                self.conn.failed(Some(&e));
+                return Err(store_error(what, e));
+            }
+            Err(_) => {
+                self.conn.failed(None);
+                return Err(store_error(
+                    what,
+                    format!("no answer to WAIT within {bound:?}"),
+                ));
+            }
+        };
+        match answer {
+            Value::Int(n) if n >= i64::from(replicas) => Ok(()),
+            Value::Int(n) => Err(store_error(
+                what,
+                format!("{n} of {replicas} replicas acknowledged the write within {timeout:?}"),
+            )),
+            other => Err(store_error(
+                what,
+                format!("unexpected answer to WAIT {other:?}"),
+            )),
         }
     }
 

@@ -269,6 +269,15 @@ impl RedisCluster {
         cli(via, &["CLUSTER", "KEYSLOT", key])?.trim().parse().ok()
     }
 
+    /// The process id of the node on `port` (for SIGSTOP / SIGCONT).
+    pub fn pid(&self, port: u16) -> Option<u32> {
+        self.nodes
+            .iter()
+            .find(|n| n.port == port)
+            .and_then(|n| n.child.as_ref())
+            .map(Child::id)
+    }
+
     /// Kills the node on `port` with SIGKILL (by its pid) and waits for it to exit.
     pub fn kill(&mut self, port: u16) {
         if let Some(n) = self.nodes.iter_mut().find(|n| n.port == port) {

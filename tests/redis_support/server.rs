@@ -51,7 +51,42 @@ impl RedisServer {
         panic!("could not start redis-server on port {port}: {last}");
     }
 
+    /// Starts a replica of the server on `master`, on a free port, and waits (up to 10 s)
+    /// until its replication link is up.
+    pub fn start_replica_of(master: u16) -> Self {
+        let mut last = String::new();
+        for _ in 0..5 {
+            match RedisServer::try_start_with(
+                free_port(),
+                &["--replicaof", "127.0.0.1", &master.to_string()],
+            ) {
+                Ok(s) => {
+                    for _ in 0..200 {
+                        if ask(s.port, "INFO replication\r\n")
+                            .is_ok_and(|i| i.contains("master_link_status:up"))
+                        {
+                            return s;
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
+                    panic!("the replica on {} did not sync within 10 s", s.port);
+                }
+                Err(e) => last = e,
+            }
+        }
+        panic!("could not start a replica: {last}");
+    }
+
+    /// The process id (for SIGSTOP / SIGCONT).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     pub fn try_start(port: u16) -> Result<Self, String> {
+        RedisServer::try_start_with(port, &[])
+    }
+
+    pub fn try_start_with(port: u16, extra: &[&str]) -> Result<Self, String> {
         // A name unique to this server, to tell it from another test's server on the port.
         let tag = format!(
             "trg-{}-{}.rdb",
@@ -61,6 +96,7 @@ impl RedisServer {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--dbfilename", &tag])
+            .args(extra)
             .arg("--dir")
             .arg(std::env::temp_dir())
             .stdout(Stdio::null())
