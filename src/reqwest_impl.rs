@@ -39,6 +39,10 @@ impl RetryRequest for reqwest::Request {
         }
     }
 
+    fn body_bytes(&self) -> Option<std::borrow::Cow<'_, [u8]>> {
+        self.body()?.as_bytes().map(std::borrow::Cow::Borrowed)
+    }
+
     fn server(&self) -> Option<(&str, Option<u16>)> {
         Some((self.url().host_str()?, self.url().port_or_known_default()))
     }
