@@ -166,12 +166,26 @@ async fn an_estimate_reserved_then_refunded_from_the_json_usage_lets_a_later_ret
 
     // The first call's answer says its retry cost 100 tokens: the rest goes back.
     let bytes = read_through(first, &budgets, &prices).await;
-    assert_eq!(bytes, USAGE_JSON.as_bytes(), "the body passes through unchanged");
+    assert_eq!(
+        bytes,
+        USAGE_JSON.as_bytes(),
+        "the body passes through unchanged"
+    );
     assert_eq!(
         store.settled(),
         vec![
-            (Scope::TaskCost, "t".to_owned(), estimate - 100, Settle::Refund),
-            (Scope::UserCost, "u".to_owned(), estimate - 100, Settle::Refund),
+            (
+                Scope::TaskCost,
+                "t".to_owned(),
+                estimate - 100,
+                Settle::Refund
+            ),
+            (
+                Scope::UserCost,
+                "u".to_owned(),
+                estimate - 100,
+                Settle::Refund
+            ),
         ]
     );
     let granted = send(&mut svc, chat("t", Some("u"), &body)).await.unwrap();
@@ -379,7 +393,10 @@ async fn each_source_of_cost_is_reserved_in_order_and_settled_by_the_callers_hoo
             Settle::Refund,
         ));
     }
-    assert_eq!(estimate, 11, "(1019 tokens at 2000, 1000 at 8000) per million, rounded up");
+    assert_eq!(
+        estimate, 11,
+        "(1019 tokens at 2000, 1000 at 8000) per million, rounded up"
+    );
     assert_eq!(store.settled(), expected);
 }
 
@@ -463,7 +480,10 @@ async fn usage_body_settles_only_a_reserved_call_read_to_its_end() {
     );
 
     let mut flaky = layer.layer(Replies::new(|attempt| {
-        (if attempt == 0 { 503 } else { 200 }, Chunks::cut(ANTHROPIC_SSE, 50))
+        (
+            if attempt == 0 { 503 } else { 200 },
+            Chunks::cut(ANTHROPIC_SSE, 50),
+        )
     }));
     // Dropped before its end (the client hung up): the reservation stays.
     let res = send(&mut flaky, chat("t", None, &body)).await.unwrap();
@@ -518,7 +538,12 @@ async fn the_body_is_read_only_when_a_retry_is_considered() {
     };
     let mut ok = layer.layer(Replies::new(|_| (200, String::new())));
     for _ in 0..10 {
-        let res = ServiceExt::<Request<Watched>>::ready(&mut ok).await.unwrap().call(request(&reads)).await.unwrap();
+        let res = ServiceExt::<Request<Watched>>::ready(&mut ok)
+            .await
+            .unwrap()
+            .call(request(&reads))
+            .await
+            .unwrap();
         assert_eq!(res.status(), StatusCode::OK);
     }
     assert_eq!(reads.load(Ordering::SeqCst), 0, "never on the success path");
@@ -526,7 +551,12 @@ async fn the_body_is_read_only_when_a_retry_is_considered() {
     let mut flaky = layer.layer(Replies::new(|attempt| {
         (if attempt < 2 { 503 } else { 200 }, String::new())
     }));
-    let res = ServiceExt::<Request<Watched>>::ready(&mut flaky).await.unwrap().call(request(&reads)).await.unwrap();
+    let res = ServiceExt::<Request<Watched>>::ready(&mut flaky)
+        .await
+        .unwrap()
+        .call(request(&reads))
+        .await
+        .unwrap();
     let info = info(&res);
     assert_eq!((info.retries, reads.load(Ordering::SeqCst)), (2, 2));
     assert_eq!(info.retry_cost, 2 * estimate_of(&prompt(40, 10), 10));

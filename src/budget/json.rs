@@ -80,8 +80,7 @@ impl<'a> Reader<'a> {
         }
         let s = self.bytes.get(start..self.at)?;
         let number = matches!(s.first(), Some(b'-' | b'0'..=b'9'))
-            && s
-                .iter()
+            && s.iter()
                 .all(|c| matches!(c, b'0'..=b'9' | b'-' | b'+' | b'.' | b'e' | b'E'));
         (number || matches!(s, b"true" | b"false" | b"null")).then_some(s)
     }

@@ -421,11 +421,16 @@ mod tests {
 
     #[test]
     fn prices_round_up_and_pick_the_longest_prefix() {
-        let p = LlmCost::new()
-            .model("gpt-4o", 2_500_000, 10_000_000)
-            .model("gpt-4o-mini", 150_000, 600_000);
+        let p = LlmCost::new().model("gpt-4o", 2_500_000, 10_000_000).model(
+            "gpt-4o-mini",
+            150_000,
+            600_000,
+        );
         assert_eq!(p.price(Some("gpt-4o-mini-2024-07-18"), 1, 0), Some(1));
-        assert_eq!(p.price(Some("gpt-4o-2024-08-06"), 1_000_000, 1), Some(2_500_010));
+        assert_eq!(
+            p.price(Some("gpt-4o-2024-08-06"), 1_000_000, 1),
+            Some(2_500_010)
+        );
         assert_eq!(p.price(Some("claude"), 1, 1), None);
         assert_eq!(p.price(None, 1, 1), None);
         assert_eq!(
@@ -444,7 +449,10 @@ mod tests {
         let body = br#"{"input":"hi","max_tokens":null}"#;
         assert_eq!(tokens().estimate(body), Some(8 + 4096));
         assert_eq!(
-            tokens().default_max_tokens(0).chars_per_token(0).estimate(body),
+            tokens()
+                .default_max_tokens(0)
+                .chars_per_token(0)
+                .estimate(body),
             Some(32)
         );
         for bad in [&b"not json"[..], b"[1,2]", b"{\"a\":1", b"{\"a\":1} x", b""] {
