@@ -102,8 +102,7 @@ where
     B: http_body::Body,
     B::Error: std::fmt::Debug,
 {
-    let info = info(&res);
-    let body = UsageBody::new(res.into_body(), &info, budgets, prices);
+    let body = UsageBody::wrap(res, budgets, prices).into_body();
     let bytes = body.collect().await.unwrap().to_bytes();
     settled().await;
     bytes

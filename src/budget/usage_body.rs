@@ -53,10 +53,10 @@ pin_project! {
     ///     .header("x-task-id", "task-1")
     ///     .body(r#"{"model":"m","max_tokens":10000,"messages":[]}"#.to_owned())?;
     /// let response = svc.ready().await?.call(request).await?;
-    /// let info = response.extensions().get::<RetryInfo>().cloned().ok_or("no info")?;
+    /// let info = response.extensions().get::<RetryInfo>().ok_or("no info")?;
     /// // The retry reserved 10,012 tokens (the body's 46 bytes / 4 + max_tokens)...
     /// assert_eq!((info.reserved(), info.task()), (10_012, Some("task-1")));
-    /// let response = response.map(|body| UsageBody::new(body, &info, &budgets, &prices));
+    /// let response = UsageBody::wrap(response, &budgets, &prices);
     /// // ...the caller reads the body as usual; at its end, the 50 tokens of its usage are
     /// // settled: 9,962 go back to the task's budget.
     /// let bytes = response.into_body().collect().await?.to_bytes();
@@ -100,6 +100,24 @@ impl<B> UsageBody<B> {
             inner: body,
             settle,
         }
+    }
+
+    /// Wraps the body of an HTTP response, settling with the [`RetryInfo`] in its
+    /// extensions (none: a pass-through).
+    pub fn wrap(
+        response: http::Response<B>,
+        budgets: &Budgets,
+        prices: &LlmCost,
+    ) -> http::Response<UsageBody<B>> {
+        let (parts, body) = response.into_parts();
+        let body = match parts.extensions.get::<RetryInfo>() {
+            Some(info) => UsageBody::new(body, info, budgets, prices),
+            None => UsageBody {
+                inner: body,
+                settle: None,
+            },
+        };
+        http::Response::from_parts(parts, body)
     }
 
     /// The wrapped body (nothing is settled then).
