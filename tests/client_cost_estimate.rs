@@ -22,15 +22,18 @@ use tower_retry_guard::{CallOutcome, RetryInfo, RetryLayer, RetryPolicy, StopRea
 
 use common::{Chunks, Replies, ms, secs, send};
 
-/// A memory store that records every settlement: (scope, key, amount, how).
+/// One settled draw: scope, key, amount, which way.
+type Settled = (Scope, String, u64, Settle);
+
+/// A memory store that records every settlement.
 #[derive(Clone, Default)]
 struct Recording {
     inner: MemoryStore,
-    settled: Arc<Mutex<Vec<(Scope, String, u64, Settle)>>>,
+    settled: Arc<Mutex<Vec<Settled>>>,
 }
 
 impl Recording {
-    fn settled(&self) -> Vec<(Scope, String, u64, Settle)> {
+    fn settled(&self) -> Vec<Settled> {
         self.settled.lock().unwrap().clone()
     }
 }
