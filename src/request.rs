@@ -380,7 +380,8 @@ pub trait RetryRequest: Sized {
 
     /// What one attempt costs, for the cost budgets (by default the
     /// [`Cost`](crate::budget::Cost) extension; else the layer's
-    /// [`cost_fn`](crate::RetryLayer::cost_fn) is asked). Called only when a retry is
+    /// [`cost_fn`](crate::RetryLayer::cost_fn) is asked, then its
+    /// [`llm_cost`](crate::RetryLayer::llm_cost) estimate). Called only when a retry is
     /// considered.
     fn cost(&self) -> Option<u64> {
         self.view()

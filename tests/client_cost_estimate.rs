@@ -4,6 +4,8 @@
 //! stream, or the caller's own hook. Real layer, real store, virtual time.
 
 mod common;
+#[cfg(feature = "redis")]
+mod redis_support;
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -25,20 +27,37 @@ use common::{Chunks, Replies, ms, secs, send};
 /// One settled draw: scope, key, amount, which way.
 type Settled = (Scope, String, u64, Settle);
 
-/// A memory store that records every settlement.
-#[derive(Clone, Default)]
-struct Recording {
-    inner: MemoryStore,
+/// A store (memory by default) that records every settlement it made.
+#[derive(Clone)]
+struct Recording<S> {
+    inner: S,
     settled: Arc<Mutex<Vec<Settled>>>,
 }
 
-impl Recording {
+impl<S> Recording<S> {
+    fn over(inner: S) -> Self {
+        Recording {
+            inner,
+            settled: Arc::default(),
+        }
+    }
+
     fn settled(&self) -> Vec<Settled> {
         self.settled.lock().unwrap().clone()
     }
+
+    /// Waits (bounded) until `n` draws were settled: the settlement is spawned.
+    async fn wait_settled(&self, n: usize) {
+        for _ in 0..2_000 {
+            if self.settled.lock().unwrap().len() >= n {
+                return;
+            }
+            tokio::time::sleep(ms(1)).await;
+        }
+    }
 }
 
-impl BudgetStore for Recording {
+impl<S: BudgetStore> BudgetStore for Recording<S> {
     fn draw(&self, draws: &[Draw]) -> impl Future<Output = Result<Grant, StoreError>> + Send {
         self.inner.draw(draws)
     }
@@ -48,12 +67,16 @@ impl BudgetStore for Recording {
         draws: &[Draw],
         how: Settle,
     ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        self.settled.lock().unwrap().extend(
-            draws
-                .iter()
-                .map(|d| (d.scope, d.key.clone(), d.amount, how)),
-        );
-        BudgetStore::settle(&self.inner, draws, how)
+        let (inner, log, draws) = (self.inner.clone(), self.settled.clone(), draws.to_vec());
+        async move {
+            BudgetStore::settle(&inner, &draws, how).await?;
+            log.lock().unwrap().extend(
+                draws
+                    .iter()
+                    .map(|d| (d.scope, d.key.clone(), d.amount, how)),
+            );
+            Ok(())
+        }
     }
 }
 
@@ -127,7 +150,19 @@ const USAGE_JSON: &str = r#"{"id":"c1","model":"m-2025","choices":[{"message":{"
 
 #[tokio::test(start_paused = true)]
 async fn an_estimate_reserved_then_refunded_from_the_json_usage_lets_a_later_retry_through() {
-    let store = Recording::default();
+    refund_lets_a_later_retry_through(MemoryStore::new(), "t", "u").await;
+}
+
+/// The same in Redis (real time: the store is a real server).
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_estimate_reserved_then_refunded_lets_a_later_retry_through_in_redis() {
+    let server = redis_support::server::RedisServer::start();
+    refund_lets_a_later_retry_through(server.store("estimate:"), "task-r", "user-r").await;
+}
+
+async fn refund_lets_a_later_retry_through<S: BudgetStore>(store: S, task: &str, user: &str) {
+    let store = Recording::over(store);
     let body = prompt(400, 900);
     let estimate = estimate_of(&body, 900);
     let budgets = Budgets::none()
@@ -148,7 +183,7 @@ async fn an_estimate_reserved_then_refunded_from_the_json_usage_lets_a_later_ret
     });
     let mut svc = layer.layer(inner.clone());
 
-    let first = send(&mut svc, chat("t", Some("u"), &body)).await.unwrap();
+    let first = send(&mut svc, chat(task, Some(user), &body)).await.unwrap();
     let first_info = info(&first);
     assert_eq!(first.status(), StatusCode::OK);
     assert_eq!(
@@ -158,16 +193,17 @@ async fn an_estimate_reserved_then_refunded_from_the_json_usage_lets_a_later_ret
             first_info.task(),
             first_info.user()
         ),
-        (estimate, estimate, Some("t"), Some("u"))
+        (estimate, estimate, Some(task), Some(user))
     );
 
     // Half an estimate left: the next call's retry is refused by the task's cost budget.
-    let denied = send(&mut svc, chat("t", Some("u"), &body)).await.unwrap();
+    let denied = send(&mut svc, chat(task, Some(user), &body)).await.unwrap();
     assert_eq!(budget_stop(&info(&denied)), Some(Scope::TaskCost));
     assert!(store.settled().is_empty());
 
     // The first call's answer says its retry cost 100 tokens: the rest goes back.
     let bytes = read_through(first, &budgets, &prices).await;
+    store.wait_settled(2).await;
     assert_eq!(
         bytes,
         USAGE_JSON.as_bytes(),
@@ -178,19 +214,19 @@ async fn an_estimate_reserved_then_refunded_from_the_json_usage_lets_a_later_ret
         vec![
             (
                 Scope::TaskCost,
-                "t".to_owned(),
+                task.to_owned(),
                 estimate - 100,
                 Settle::Refund
             ),
             (
                 Scope::UserCost,
-                "u".to_owned(),
+                user.to_owned(),
                 estimate - 100,
                 Settle::Refund
             ),
         ]
     );
-    let granted = send(&mut svc, chat("t", Some("u"), &body)).await.unwrap();
+    let granted = send(&mut svc, chat(task, Some(user), &body)).await.unwrap();
     let granted = info(&granted);
     assert_eq!(
         (budget_stop(&granted), granted.retries, granted.retry_cost),
@@ -224,7 +260,7 @@ async fn streamed_usage_settles_for_the_task_and_user_that_reserved() {
     // Each stream, cut in frames of 7 bytes (mid-line, mid-key), reports its usage:
     // Anthropic 25 + 5 cached input + 15 output, OpenAI chat 30 + 12, Responses 21 + 9.
     for (stream, actual) in [(ANTHROPIC_SSE, 45), (OPENAI_SSE, 42), (RESPONSES_SSE, 30)] {
-        let store = Recording::default();
+        let store = Recording::over(MemoryStore::new());
         let budgets = Budgets::none()
             .store(store.clone())
             .task_cost(100_000, secs(3600))
@@ -278,7 +314,7 @@ async fn streamed_usage_settles_for_the_task_and_user_that_reserved() {
 
 #[tokio::test(start_paused = true)]
 async fn usage_over_the_reservation_is_charged_and_denies_a_later_retry() {
-    let store = Recording::default();
+    let store = Recording::over(MemoryStore::new());
     // An estimate that errs low (100 bytes a token), against 1000 units of retries.
     let prices = tokens().chars_per_token(100);
     let budgets = Budgets::none()
@@ -321,7 +357,7 @@ async fn usage_over_the_reservation_is_charged_and_denies_a_later_retry() {
 async fn each_source_of_cost_is_reserved_in_order_and_settled_by_the_callers_hook() {
     // The extension wins, then `cost_fn`, then the estimate. The provider here reports
     // usage in headers; the caller's hook reads them and prices them with the same table.
-    let store = Recording::default();
+    let store = Recording::over(MemoryStore::new());
     let prices = LlmCost::new().model("m", 2_000, 8_000);
     let budgets = Budgets::none()
         .store(store.clone())
@@ -461,7 +497,7 @@ async fn bodies_without_an_estimate_are_not_charged_and_never_panic() {
 
 #[tokio::test(start_paused = true)]
 async fn usage_body_settles_only_a_reserved_call_read_to_its_end() {
-    let store = Recording::default();
+    let store = Recording::over(MemoryStore::new());
     let budgets = Budgets::none()
         .store(store.clone())
         .task_cost(100_000, secs(3600));

@@ -198,8 +198,9 @@ pub struct RetryInfo {
     /// Time slept between attempts.
     pub total_delay: Duration,
     /// What the retries sent cost, in the units of the cost budgets: the sum of each
-    /// retry's [`Cost`](crate::budget::Cost) (or [`cost_fn`](crate::RetryLayer::cost_fn));
-    /// 0 when no retry was sent or no cost was known.
+    /// retry's [`Cost`](crate::budget::Cost) (or [`cost_fn`](crate::RetryLayer::cost_fn), or
+    /// [`llm_cost`](crate::RetryLayer::llm_cost) estimate), as reserved (settlements do not
+    /// change it); 0 when no retry was sent or no cost was known.
     pub retry_cost: u64,
     /// Time from the first attempt to the end.
     pub elapsed: Duration,
