@@ -47,6 +47,33 @@ clone_body!(
     &'static str => |b| Some(Cow::Borrowed(b.as_bytes())),
     &'static [u8] => |b| Some(Cow::Borrowed(*b)),
     Bytes => |b| Some(Cow::Borrowed(&b[..])),
-    http_body_util::Full<Bytes> => |b| b.clone().into_inner().map(|d| Cow::Owned(d.to_vec())).or(Some(Cow::Borrowed(&[][..]))),
+    http_body_util::Full<Bytes> => |b| b.clone().into_inner().map(|d| Cow::Owned(d.to_vec())),
     http_body_util::Empty<Bytes> => |_b| Some(Cow::Borrowed(&[][..])),
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_memory_bodies_lend_their_bytes() {
+        let text = "{\"model\":\"m\"}";
+        assert_eq!(
+            String::from(text).body_bytes().as_deref(),
+            Some(text.as_bytes())
+        );
+        assert_eq!(
+            text.as_bytes().to_vec().body_bytes().as_deref(),
+            Some(text.as_bytes())
+        );
+        assert_eq!(
+            Bytes::from(text).body_bytes().as_deref(),
+            Some(text.as_bytes())
+        );
+        let full = http_body_util::Full::new(Bytes::from(text));
+        assert_eq!(full.body_bytes().as_deref(), Some(text.as_bytes()));
+        let buffered = crate::body::BufferedBody::<String>::full(Bytes::from(text));
+        assert_eq!(buffered.body_bytes().as_deref(), Some(text.as_bytes()));
+        assert_eq!(().body_bytes().as_deref(), Some(&[][..]));
+    }
+}

@@ -79,3 +79,22 @@ impl Classify<reqwest::Response, reqwest::Error> for LlmHttp {
         None
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_in_memory_body_lends_its_bytes_for_the_estimate() {
+        let Ok(url) = "http://127.0.0.1:1/v1/chat/completions".parse() else {
+            panic!("a valid URL");
+        };
+        let mut req = reqwest::Request::new(http::Method::POST, url);
+        assert_eq!(RetryRequest::body_bytes(&req), None);
+        *req.body_mut() = Some(reqwest::Body::from("{\"model\":\"m\"}"));
+        assert_eq!(
+            RetryRequest::body_bytes(&req).as_deref(),
+            Some(&b"{\"model\":\"m\"}"[..])
+        );
+    }
+}
