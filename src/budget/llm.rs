@@ -226,7 +226,10 @@ impl Usage {
     fn model(&mut self, name: Option<&[u8]>) {
         if let Some(name) = name.filter(|n| n.len() <= 256) {
             if let Ok(name) = std::str::from_utf8(name) {
-                self.model = Some(name.to_owned());
+                // Every chunk of an OpenAI stream names it: allocated once.
+                if self.model.as_deref() != Some(name) {
+                    self.model = Some(name.to_owned());
+                }
             }
         }
     }

@@ -19,6 +19,9 @@ pin_project! {
     /// reported (read as [`LlmCost::usage_cost`] reads it, in bounded memory) is priced and
     /// the difference settled with [`Budgets::settle`]: refunded, or charged. The
     /// settlement is spawned on the tokio runtime; the body never waits for the store.
+    /// Memory is bounded: a JSON body is kept up to 4 MiB (read at its end), an event
+    /// stream one line and one event at a time, each up to 4 MiB (past it, that body or
+    /// event is not read).
     ///
     /// Nothing is settled (the reservation stays: a worst case, it errs on the safe side)
     /// when the call reserved nothing for its last attempt (it succeeded at once, or its
