@@ -599,3 +599,69 @@ async fn the_body_is_read_only_when_a_retry_is_considered() {
     assert_eq!((info.retries, reads.load(Ordering::SeqCst)), (2, 2));
     assert_eq!(info.retry_cost, 2 * estimate_of(&prompt(40, 10), 10));
 }
+
+#[tokio::test]
+async fn a_real_client_and_server_reserve_from_a_full_body_and_settle_from_the_stream() {
+    // hyper-util's client over loopback: the estimate reads a `Full<Bytes>` request body, the
+    // usage comes from a real `Incoming` event stream, framed as the connection delivers it.
+    let app = axum::Router::new().route(
+        "/v1/messages",
+        axum::routing::post(|headers: http::HeaderMap| async move {
+            let retry = headers.get("x-retry-count").and_then(|v| v.to_str().ok());
+            let status = if retry == Some("0") { 529 } else { 200 };
+            Response::builder()
+                .status(status)
+                .header("content-type", "text/event-stream")
+                .body(axum::body::Body::new(Chunks::cut(ANTHROPIC_SSE, 64)))
+                .unwrap()
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+
+    let store = Recording::over(MemoryStore::new());
+    let budgets = Budgets::none()
+        .store(store.clone())
+        .task_cost(100_000, secs(3600));
+    let prices = tokens();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Full<Bytes>>();
+    let mut svc = ServiceBuilder::new()
+        .layer(
+            RetryLayer::new()
+                .policy(policy(1))
+                .budgets(budgets.clone())
+                .llm_cost(prices.clone()),
+        )
+        .map_err(tower::BoxError::from)
+        .service(client);
+    let body = prompt(2_000, 1_024);
+    let request = Request::post(format!("http://{addr}/v1/messages"))
+        .header("x-task-id", "real")
+        .body(http_body_util::Full::new(Bytes::from(body.clone())))
+        .unwrap();
+    let res = svc.ready().await.unwrap().call(request).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let estimate = estimate_of(&body, 1_024);
+    assert_eq!(info(&res).reserved(), estimate);
+    let bytes = UsageBody::wrap(res, &budgets, &prices)
+        .into_body()
+        .collect()
+        .await
+        .unwrap()
+        .to_bytes();
+    assert_eq!(bytes, ANTHROPIC_SSE.as_bytes());
+    store.wait_settled(1).await;
+    assert_eq!(
+        store.settled(),
+        vec![(
+            Scope::TaskCost,
+            "real".to_owned(),
+            estimate - 45,
+            Settle::Refund
+        )]
+    );
+}
