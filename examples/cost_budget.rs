@@ -12,8 +12,8 @@
 //! - the same limits, the cost estimated by the layer from the request's JSON body
 //!   (`RetryLayer::llm_cost`: body bytes / 4 + `max_tokens`, priced one unit a token), and
 //!   each retry that succeeded settled from the `usage` of its response (`UsageBody`): the
-//!   tokens it reserved but did not use go back to the task, so more retries fit in the
-//!   same 400k.
+//!   tokens it reserved but did not use go back to the task (`refunded`), and the task's
+//!   ledger shows what its retries really spent, still at or under the 400k.
 //!
 //! ```text
 //! cargo run --example cost_budget
