@@ -8,7 +8,12 @@
 //!   as one, like a retry of a 500-token one;
 //! - by count and by cost: also at most 400k tokens of retries for the task. Each request
 //!   carries its cost (prompt tokens + `max_tokens`) as a `Cost` extension, read only when
-//!   a retry is considered.
+//!   a retry is considered;
+//! - the same limits, the cost estimated by the layer from the request's JSON body
+//!   (`RetryLayer::llm_cost`: body bytes / 4 + `max_tokens`, priced one unit a token), and
+//!   each retry that succeeded settled from the `usage` of its response (`UsageBody`): the
+//!   tokens it reserved but did not use go back to the task (`refunded`), and the task's
+//!   ledger shows what its retries really spent, still at or under the 400k.
 //!
 //! ```text
 //! cargo run --example cost_budget
@@ -21,10 +26,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tower::{Layer, Service, ServiceExt, service_fn};
-use tower_retry_guard::budget::{Budgets, Cost, Limit, MemoryStore, Scope};
+use tower_retry_guard::budget::{Budgets, Cost, Limit, LlmCost, MemoryStore, Scope, UsageBody};
 use tower_retry_guard::{RetryInfo, RetryLayer, RetryPolicy};
 
 const CALLS: usize = 200;
@@ -40,9 +46,30 @@ const SEED: u64 = 18;
 struct Spent {
     succeeded: usize,
     retries: u64,
+    /// What the retries took from the task's cost ledger: reserved, less what was settled
+    /// back.
     retry_tokens: u64,
     denied_count: u64,
     denied_cost: u64,
+    /// Given back by settlements from the responses' usage.
+    refunded: u64,
+}
+
+/// Where a retry's cost comes from.
+#[derive(Clone, Copy, PartialEq)]
+enum Pricing {
+    /// The `Cost` extension (prompt + max_tokens), never settled.
+    Extension,
+    /// The layer's estimate from the body, settled from the usage.
+    EstimateAndSettle,
+}
+
+/// A chat request whose JSON body holds a prompt of `tokens` tokens (4 bytes each).
+fn chat_body(tokens: u64) -> String {
+    let text = "x".repeat(usize::try_from(tokens * 4).unwrap_or(0));
+    format!(
+        r#"{{"model":"gpt-x","max_tokens":{MAX_TOKENS},"messages":[{{"role":"user","content":"{text}"}}]}}"#
+    )
 }
 
 /// The task's prompts: 80% of 500-2,000 tokens, 20% of 50k-200k.
@@ -59,7 +86,10 @@ fn prompts() -> Vec<u64> {
         .collect()
 }
 
-fn run(budgets: Budgets) -> Result<Spent, Box<dyn std::error::Error + Send + Sync>> {
+fn run(
+    budgets: Budgets,
+    pricing: Pricing,
+) -> Result<Spent, Box<dyn std::error::Error + Send + Sync>> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
@@ -67,19 +97,22 @@ fn run(budgets: Budgets) -> Result<Spent, Box<dyn std::error::Error + Send + Syn
     rt.block_on(async move {
         // The same failures in both runs.
         let flips = Arc::new(Mutex::new(SmallRng::seed_from_u64(SEED + 1)));
-        let provider = service_fn(move |_: Request<String>| {
-            let fail = flips
+        let provider = service_fn(move |req: Request<String>| {
+            let (fail, completion) = flips
                 .lock()
-                .map(|mut r| r.random_bool(FAILURE_RATE))
-                .unwrap_or(false);
+                .map(|mut r| (r.random_bool(FAILURE_RATE), r.random_range(100..=MAX_TOKENS)))
+                .unwrap_or((false, MAX_TOKENS));
+            // The usage a provider reports: the prompt (4 bytes a token), and the answer.
+            let prompt = req.body().len() as u64 / 4;
             async move {
-                let status = if fail {
-                    StatusCode::SERVICE_UNAVAILABLE
-                } else {
-                    StatusCode::OK
-                };
                 let mut res = Response::new(String::new());
-                *res.status_mut() = status;
+                if fail {
+                    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                } else {
+                    *res.body_mut() = format!(
+                        r#"{{"model":"gpt-x","usage":{{"prompt_tokens":{prompt},"completion_tokens":{completion}}}}}"#
+                    );
+                }
                 Ok::<_, std::io::Error>(res)
             }
         });
@@ -88,7 +121,12 @@ fn run(budgets: Budgets) -> Result<Spent, Box<dyn std::error::Error + Send + Syn
             .max_total_time(Duration::from_secs(60))
             .seed(7)
             .build()?;
-        let layer = RetryLayer::new().policy(policy).budgets(budgets);
+        // One unit a token, whatever the model.
+        let prices = LlmCost::new().fallback(1_000_000, 1_000_000);
+        let mut layer = RetryLayer::new().policy(policy).budgets(budgets.clone());
+        if pricing == Pricing::EstimateAndSettle {
+            layer = layer.llm_cost(prices.clone());
+        }
         let stats = layer.stats();
         let mut svc = layer.layer(provider);
         let mut spent = Spent {
@@ -97,23 +135,40 @@ fn run(budgets: Budgets) -> Result<Spent, Box<dyn std::error::Error + Send + Syn
             retry_tokens: 0,
             denied_count: 0,
             denied_cost: 0,
+            refunded: 0,
         };
         for prompt in prompts() {
             let mut req = Request::post("/v1/chat/completions")
                 .header("x-task-id", "report-42")
-                .body(String::new())?;
-            req.extensions_mut().insert(Cost(prompt + MAX_TOKENS));
+                .body(chat_body(prompt))?;
+            if pricing == Pricing::Extension {
+                req.extensions_mut().insert(Cost(prompt + MAX_TOKENS));
+            }
             let res = svc.ready().await?.call(req).await?;
             if res.status().is_success() {
                 spent.succeeded += 1;
             }
-            if let Some(info) = res.extensions().get::<RetryInfo>() {
+            let info = res.extensions().get::<RetryInfo>().cloned();
+            if let Some(info) = &info {
                 spent.retry_tokens += info.retry_cost;
+            }
+            if let (Pricing::EstimateAndSettle, Some(info)) = (pricing, info) {
+                // Read the answer as any caller would; its end settles the last retry.
+                let body = UsageBody::new(res.into_body(), &info, &budgets, &prices);
+                let bytes = body.collect().await?.to_bytes();
+                if info.reserved() > 0 {
+                    if let Some(used) = prices.usage_cost(&bytes) {
+                        spent.refunded += info.reserved().saturating_sub(used);
+                    }
+                }
+                // The settlement is spawned: let it run before the next call.
+                tokio::time::sleep(Duration::from_millis(1)).await;
             }
         }
         let totals = stats.totals("POST /v1/chat/completions");
-        // The stats say the same as the calls' infos.
+        // The stats say the same as the calls' infos (what was reserved).
         assert_eq!(totals.retry_cost, spent.retry_tokens);
+        spent.retry_tokens -= spent.refunded;
         spent.retries = totals.retries;
         spent.denied_count = totals.denied(Scope::Task);
         spent.denied_cost = totals.denied(Scope::TaskCost);
@@ -137,22 +192,34 @@ fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         "one task, {CALLS} calls ({long} long prompts), {:.0}% of attempts fail (seed {SEED})",
         FAILURE_RATE * 100.0
     );
+    // Its own store again.
+    let settled = with_cost.clone().store(MemoryStore::new());
     println!(
-        "{:<34} {:>9} {:>7} {:>14} {:>13} {:>12}",
-        "budget", "succeeded", "retries", "retry tokens", "denied:count", "denied:cost"
+        "{:<42} {:>9} {:>7} {:>14} {:>13} {:>12} {:>9}",
+        "budget", "succeeded", "retries", "retry tokens", "denied:count", "denied:cost", "refunded"
     );
-    for (name, budgets) in [
-        (format!("count only ({TASK_RETRIES} retries)"), count_only),
+    for (name, budgets, pricing) in [
+        (
+            format!("count only ({TASK_RETRIES} retries)"),
+            count_only,
+            Pricing::Extension,
+        ),
         (
             format!("count + cost ({TASK_RETRY_TOKENS} tokens)"),
             with_cost,
+            Pricing::Extension,
+        ),
+        (
+            "count + cost, estimated + settled".to_owned(),
+            settled,
+            Pricing::EstimateAndSettle,
         ),
     ] {
         let cost_limited = name.starts_with("count + cost");
-        let s = run(budgets)?;
+        let s = run(budgets, pricing)?;
         println!(
-            "{name:<34} {:>9} {:>7} {:>14} {:>13} {:>12}",
-            s.succeeded, s.retries, s.retry_tokens, s.denied_count, s.denied_cost
+            "{name:<42} {:>9} {:>7} {:>14} {:>13} {:>12} {:>9}",
+            s.succeeded, s.retries, s.retry_tokens, s.denied_count, s.denied_cost, s.refunded
         );
         if cost_limited {
             assert!(

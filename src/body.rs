@@ -116,6 +116,10 @@ impl<B> CloneBody for BufferedBody<B> {
     fn try_clone_body(&self) -> Option<Self> {
         self.as_bytes().map(|b| BufferedBody::full(b.clone()))
     }
+
+    fn body_bytes(&self) -> Option<std::borrow::Cow<'_, [u8]>> {
+        self.as_bytes().map(|b| std::borrow::Cow::Borrowed(&b[..]))
+    }
 }
 
 impl<B> Body for BufferedBody<B>

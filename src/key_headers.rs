@@ -181,6 +181,10 @@ impl<B: CloneBody> RetryRequest for Request<B> {
         stamp_attempt(self.headers_mut(), attempt, names);
     }
 
+    fn body_bytes(&self) -> Option<std::borrow::Cow<'_, [u8]>> {
+        self.body().body_bytes()
+    }
+
     fn view(&self) -> RequestView<'_> {
         RequestView::http(
             self.method(),

@@ -369,9 +369,19 @@ pub trait RetryRequest: Sized {
         id_from_view(self.view(), &names.user_id, |u: &UserId| u.0.clone())
     }
 
+    /// The body's bytes, if they are in memory, for the layer's cost estimate
+    /// ([`RetryLayer::llm_cost`](crate::RetryLayer::llm_cost)). Called only when a retry is
+    /// considered, and only when neither the [`Cost`](crate::budget::Cost) extension nor
+    /// the layer's `cost_fn` knew the cost. The default: `None` (no estimate); for HTTP
+    /// requests, [`CloneBody::body_bytes`]; for `reqwest::Request`, its body's `as_bytes`.
+    fn body_bytes(&self) -> Option<Cow<'_, [u8]>> {
+        None
+    }
+
     /// What one attempt costs, for the cost budgets (by default the
     /// [`Cost`](crate::budget::Cost) extension; else the layer's
-    /// [`cost_fn`](crate::RetryLayer::cost_fn) is asked). Called only when a retry is
+    /// [`cost_fn`](crate::RetryLayer::cost_fn) is asked, then its
+    /// [`llm_cost`](crate::RetryLayer::llm_cost) estimate). Called only when a retry is
     /// considered.
     fn cost(&self) -> Option<u64> {
         self.view()

@@ -39,6 +39,10 @@ impl RetryRequest for reqwest::Request {
         }
     }
 
+    fn body_bytes(&self) -> Option<std::borrow::Cow<'_, [u8]>> {
+        self.body()?.as_bytes().map(std::borrow::Cow::Borrowed)
+    }
+
     fn server(&self) -> Option<(&str, Option<u16>)> {
         Some((self.url().host_str()?, self.url().port_or_known_default()))
     }
@@ -73,5 +77,24 @@ impl Classify<reqwest::Response, reqwest::Error> for LlmHttp {
     fn attach(&self, response: &mut reqwest::Response, info: RetryInfo) -> Option<RetryInfo> {
         response.extensions_mut().insert(info);
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_in_memory_body_lends_its_bytes_for_the_estimate() {
+        let Ok(url) = "http://127.0.0.1:1/v1/chat/completions".parse() else {
+            panic!("a valid URL");
+        };
+        let mut req = reqwest::Request::new(http::Method::POST, url);
+        assert_eq!(RetryRequest::body_bytes(&req), None);
+        *req.body_mut() = Some(reqwest::Body::from("{\"model\":\"m\"}"));
+        assert_eq!(
+            RetryRequest::body_bytes(&req).as_deref(),
+            Some(&b"{\"model\":\"m\"}"[..])
+        );
     }
 }

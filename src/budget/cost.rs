@@ -5,9 +5,15 @@
 //! more than a hundred retries of a short one. A cost limit counts units (tokens,
 //! micro-dollars: the caller's, integers only) instead of retries. The cost of a retry is
 //! learnt only once a retry is considered (never on the success path): the request's
-//! [`Cost`] extension, else the layer's [`cost_fn`](crate::RetryLayer::cost_fn). A retry
-//! whose cost is unknown is not charged to the cost scopes (as a request without a task id
-//! is not charged to the task scope).
+//! [`Cost`] extension, else the layer's [`cost_fn`](crate::RetryLayer::cost_fn), else the
+//! layer's estimate of an LLM request from its body ([`llm_cost`](crate::RetryLayer::llm_cost),
+//! [`LlmCost`](super::LlmCost)). A retry whose cost is unknown is not charged to the cost
+//! scopes (as a request without a task id is not charged to the task scope).
+//!
+//! A reservation is a worst case; once the response says what the retry really cost, settle
+//! the difference: [`Budgets::settle`] with the call's [`RetryInfo`](crate::RetryInfo)
+//! (`reserved()`, `task()`, `user()`), or [`UsageBody`](super::UsageBody), which reads the
+//! `usage` of an LLM response as it streams and settles at its end.
 //!
 //! The cost draws go with the count draws into the same single store call, all or nothing:
 //! a retry is sent only if its cost fits every cost limit, and a refusal says which one and

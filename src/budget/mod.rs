@@ -29,12 +29,15 @@ mod cost;
 mod draw;
 mod ids;
 mod in_flight;
+mod json;
+mod llm;
 mod memory;
 mod permit;
 mod ratio;
 mod ratio_config;
 mod ring;
 mod slot;
+mod usage_body;
 
 use self::cost::describe_denial;
 pub use self::cost::{Cost, Settle};
@@ -43,10 +46,12 @@ pub use self::draw::{Draw, Grant, Limit, Scope};
 pub(crate) use self::ids::budget_key;
 use self::in_flight::InFlight;
 pub use self::in_flight::InFlightCap;
+pub use self::llm::LlmCost;
 pub use self::memory::MemoryStore;
 pub(crate) use self::permit::{ActiveCall, RatioPermit, RetrySlot};
 pub(crate) use self::ratio::RetryRatio;
 pub use self::ratio_config::{RatioConfig, RatioConfigBuilder};
+pub use self::usage_body::UsageBody;
 pub use crate::store::StoreError;
 
 // The rule of the process ratio is documented on `RetryRatio`'s module (`ratio.rs`) and

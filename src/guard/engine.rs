@@ -146,6 +146,7 @@ impl<C> Guard<C> {
             operation_fn: None,
             key_fn: None,
             cost_fn: None,
+            llm_cost: None,
             info_on_success: c.info_on_success,
             stats: c.stats.clone(),
             warned_unclonable: std::sync::atomic::AtomicBool::new(false),

@@ -15,6 +15,7 @@ mod snapshot;
 mod stats;
 mod table;
 
+pub(crate) use self::outcome::Reservation;
 pub use self::outcome::{CallOutcome, RetryInfo, StopReason};
 
 pub use self::health::Health;

@@ -198,8 +198,9 @@ pub struct RetryInfo {
     /// Time slept between attempts.
     pub total_delay: Duration,
     /// What the retries sent cost, in the units of the cost budgets: the sum of each
-    /// retry's [`Cost`](crate::budget::Cost) (or [`cost_fn`](crate::RetryLayer::cost_fn));
-    /// 0 when no retry was sent or no cost was known.
+    /// retry's [`Cost`](crate::budget::Cost) (or [`cost_fn`](crate::RetryLayer::cost_fn), or
+    /// [`llm_cost`](crate::RetryLayer::llm_cost) estimate), as reserved (settlements do not
+    /// change it); 0 when no retry was sent or no cost was known.
     pub retry_cost: u64,
     /// Time from the first attempt to the end.
     pub elapsed: Duration,
@@ -211,6 +212,16 @@ pub struct RetryInfo {
     pub outcome: CallOutcome,
     /// The operation's name; set when at least one attempt failed.
     pub operation: Option<Operation>,
+    /// What the last attempt reserved from the cost budgets, and for whom.
+    pub(crate) reservation: Option<Box<Reservation>>,
+}
+
+/// What the last attempt of a call reserved from the cost budgets, for a settlement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Reservation {
+    pub(crate) cost: u64,
+    pub(crate) task: Option<String>,
+    pub(crate) user: Option<String>,
 }
 
 impl RetryInfo {
@@ -226,6 +237,36 @@ impl RetryInfo {
             last_error: None,
             outcome: CallOutcome::Stopped(reason),
             operation: None,
+            reservation: None,
         }
+    }
+
+    /// What the call's last attempt reserved from the cost budgets: its cost, when it was a
+    /// retry whose cost was known; 0 otherwise (a first attempt draws nothing from the
+    /// budgets). What the usage of its response settles: with [`RetryInfo::task`] and
+    /// [`RetryInfo::user`], the arguments of [`Budgets::settle`](crate::Budgets::settle),
+    /// which [`UsageBody`](crate::budget::UsageBody) calls for a streamed body.
+    ///
+    /// ```
+    /// # use tower_retry_guard::{Budgets, RetryInfo};
+    /// # async fn settle(info: &RetryInfo, budgets: &Budgets) -> Result<(), tower_retry_guard::budget::StoreError> {
+    /// // The caller read the usage (a header, its parsed response) and priced it.
+    /// let actual = 1_234;
+    /// budgets.settle(info.task(), info.user(), info.reserved(), actual).await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn reserved(&self) -> u64 {
+        self.reservation.as_ref().map_or(0, |r| r.cost)
+    }
+
+    /// The task id the last attempt's reservation was drawn for ([`RetryInfo::reserved`]).
+    pub fn task(&self) -> Option<&str> {
+        self.reservation.as_ref().and_then(|r| r.task.as_deref())
+    }
+
+    /// The user id the last attempt's reservation was drawn for ([`RetryInfo::reserved`]).
+    pub fn user(&self) -> Option<&str> {
+        self.reservation.as_ref().and_then(|r| r.user.as_deref())
     }
 }

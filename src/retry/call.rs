@@ -11,7 +11,7 @@ use super::config::Config;
 use crate::backoff::CallBackoff;
 use crate::budget::{ActiveCall, RetrySlot};
 use crate::classify::ErrorKind;
-use crate::observe::{OpHandle, OpKey, default_operation};
+use crate::observe::{OpHandle, OpKey, Reservation, default_operation};
 use crate::policy::RetryPolicy;
 use crate::request::{IdempotencyKey, InvalidKey, Operation, RetryRequest, SideEffect};
 
@@ -59,6 +59,8 @@ pub(crate) struct Retried {
     pub(crate) slot: Option<RetrySlot>,
     /// The cost of the retries sent so far (those whose cost was known).
     pub(crate) cost: u64,
+    /// What the last retry sent reserved from the cost budgets (for a settlement).
+    pub(crate) reservation: Option<Box<Reservation>>,
 }
 
 impl<Req: RetryRequest> Call<Req> {
@@ -140,6 +142,7 @@ impl<Req> Call<Req> {
                 delay: Duration::ZERO,
                 slot: None,
                 cost: 0,
+                reservation: None,
             })
         })
     }

@@ -4,7 +4,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use crate::budget::Budgets;
+use crate::budget::{Budgets, LlmCost};
 use crate::observe::RetryStats;
 use crate::policy::RetryPolicy;
 use crate::request::{HeaderNames, IdempotencyKey, Operation, RequestView, SideEffect};
@@ -27,6 +27,8 @@ pub(crate) struct Config<C, H> {
     pub(crate) key_fn: Option<KeyFn>,
     /// What an attempt costs; called only when a retry is considered.
     pub(crate) cost_fn: Option<CostFn>,
+    /// The estimate of an LLM request's cost from its body, after `cost_fn`.
+    pub(crate) llm_cost: Option<LlmCost>,
     pub(crate) info_on_success: bool,
     pub(crate) stats: RetryStats,
     /// The "cannot be cloned" warning was given (once per service).
@@ -46,6 +48,7 @@ impl<C: Clone, H: Clone> Clone for Config<C, H> {
             operation_fn: self.operation_fn.clone(),
             key_fn: self.key_fn.clone(),
             cost_fn: self.cost_fn.clone(),
+            llm_cost: self.llm_cost.clone(),
             info_on_success: self.info_on_success,
             stats: self.stats.clone(),
             // Each service warns once.
@@ -69,6 +72,7 @@ impl<C, H> Config<C, H> {
             operation_fn: self.operation_fn,
             key_fn: self.key_fn,
             cost_fn: self.cost_fn,
+            llm_cost: self.llm_cost,
             info_on_success: self.info_on_success,
             stats: self.stats,
             warned_unclonable: self.warned_unclonable,

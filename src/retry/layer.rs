@@ -8,7 +8,7 @@ use tower::Layer;
 
 use super::config::Config;
 use super::service::Retry;
-use crate::budget::Budgets;
+use crate::budget::{Budgets, LlmCost};
 use crate::classify::LlmHttp;
 use crate::observe::RetryStats;
 use crate::policy::RetryPolicy;
@@ -71,6 +71,7 @@ impl RetryLayer {
                 operation_fn: None,
                 key_fn: None,
                 cost_fn: None,
+                llm_cost: None,
                 info_on_success: true,
                 stats: RetryStats::new(),
                 warned_unclonable: AtomicBool::new(false),
@@ -154,6 +155,18 @@ impl<C, H> RetryLayer<C, H> {
         F: Fn(&RequestView<'_>) -> Option<u64> + Send + Sync + 'static,
     {
         self.config.cost_fn = Some(Arc::new(f));
+        self
+    }
+
+    /// Estimates what one attempt of an LLM request costs from its JSON body (the model,
+    /// the body's size, `max_tokens`; see [`LlmCost`]), when neither the request's
+    /// [`Cost`](crate::budget::Cost) extension nor [`cost_fn`](RetryLayer::cost_fn) knew.
+    /// Read only when a retry is considered, from the copy the retry would send
+    /// ([`RetryRequest::body_bytes`](crate::RetryRequest::body_bytes)); a body the layer
+    /// cannot see, not JSON, too long, or of a model without a price has no estimate.
+    /// Settle the reservation with the response's usage: [`UsageBody`](crate::budget::UsageBody).
+    pub fn llm_cost(mut self, prices: LlmCost) -> Self {
+        self.config.llm_cost = Some(prices);
         self
     }
 

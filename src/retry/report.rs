@@ -29,6 +29,7 @@ pub(crate) fn info<Req>(call: &Call<Req>, outcome: CallOutcome, now: Instant) ->
         last_error: call.last_kind,
         outcome,
         operation,
+        reservation: call.retried.as_ref().and_then(|r| r.reservation.clone()),
     }
 }
 

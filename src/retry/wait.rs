@@ -18,7 +18,7 @@ use super::report::{attempt_span, log_retry, stop, succeed};
 use crate::budget::{Acquire, RatioPermit, RetrySlot, Verdict};
 use crate::classify::{Classify, ErrorKind, Outcome};
 use crate::error::RetryError;
-use crate::observe::StopReason;
+use crate::observe::{Reservation, StopReason};
 use crate::request::RetryRequest;
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -32,6 +32,8 @@ pub(crate) struct Wait<Req, Res, E> {
     permit: Option<RatioPermit>,
     /// The cost of the retry being decided, if known.
     cost: Option<u64>,
+    /// What it reserves, and for whom, if its cost is known (for a settlement).
+    reservation: Option<Box<Reservation>>,
     step: Step,
 }
 
@@ -113,6 +115,13 @@ where
     if let Some(reason) = decide::unchanged(kind, changed) {
         return Answered::Done(stop(config, call, Some(result), kind, reason));
     }
+    let reservation = cost.map(|cost| {
+        Box::new(Reservation {
+            cost,
+            task: task.clone(),
+            user: user.clone(),
+        })
+    });
     let (step, permit) = match config.budgets.acquire(task, user, cost) {
         Acquire::Pending(verdict) => (Step::Acquiring(verdict, now), None),
         Acquire::Ready(verdict) => match decide::granted(verdict) {
@@ -126,15 +135,20 @@ where
         kind,
         permit,
         cost,
+        reservation,
         step,
     }))
 }
 
 /// The cost of the next attempt: the request's own (its `Cost` extension), else the
-/// layer's closure.
+/// layer's closure, else the layer's estimate from the body (an LLM request's).
 fn cost_of<Req: RetryRequest, C, H>(config: &Config<C, H>, next: &Req) -> Option<u64> {
     next.cost()
         .or_else(|| config.cost_fn.as_ref().and_then(|f| f(&next.view())))
+        .or_else(|| {
+            let prices = config.llm_cost.as_ref()?;
+            prices.estimate(&next.body_bytes()?)
+        })
 }
 
 impl<Req, Res, E> Wait<Req, Res, E> {
@@ -216,6 +230,7 @@ impl<Req, Res, E> Wait<Req, Res, E> {
             kind,
             permit,
             cost,
+            reservation,
             ..
         } = self;
         let slot = match end {
@@ -243,6 +258,7 @@ impl<Req, Res, E> Wait<Req, Res, E> {
         retried.slot = slot;
         let cost = cost.unwrap_or(0);
         retried.cost = retried.cost.saturating_add(cost);
+        retried.reservation = reservation;
         // Keep a copy for the attempt after this one, if one is allowed.
         if call.attempts < config.policy.max_retries() {
             call.next = request.try_clone();

@@ -142,3 +142,88 @@ pub fn ms(n: u64) -> std::time::Duration {
 pub fn secs(n: u64) -> std::time::Duration {
     std::time::Duration::from_secs(n)
 }
+
+/// A body sent in the given chunks, one frame each (a streamed LLM response).
+pub struct Chunks(pub std::collections::VecDeque<bytes::Bytes>);
+
+impl Chunks {
+    /// `text` cut into frames of `size` bytes (the cuts fall anywhere: mid-line, mid-key).
+    pub fn cut(text: &str, size: usize) -> Self {
+        let bytes = bytes::Bytes::copy_from_slice(text.as_bytes());
+        let mut frames = std::collections::VecDeque::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            let end = (at + size.max(1)).min(bytes.len());
+            frames.push_back(bytes.slice(at..end));
+            at = end;
+        }
+        Chunks(frames)
+    }
+}
+
+impl http_body::Body for Chunks {
+    type Data = bytes::Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, io::Error>>> {
+        Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+type Reply<B> = Arc<dyn Fn(u32) -> (u16, B) + Send + Sync>;
+
+/// A service that answers attempt `n` of each call (0-based, from the `x-retry-count`
+/// header the layer stamps) with `reply(n)`: a status and a body.
+pub struct Replies<B> {
+    pub calls: Arc<AtomicU32>,
+    reply: Reply<B>,
+}
+
+impl<B> Clone for Replies<B> {
+    fn clone(&self) -> Self {
+        Replies {
+            calls: self.calls.clone(),
+            reply: self.reply.clone(),
+        }
+    }
+}
+
+impl<B> Replies<B> {
+    pub fn new(reply: impl Fn(u32) -> (u16, B) + Send + Sync + 'static) -> Self {
+        Replies {
+            calls: Arc::new(AtomicU32::new(0)),
+            reply: Arc::new(reply),
+        }
+    }
+
+    pub fn count(&self) -> u32 {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl<B, ReqB> Service<Request<ReqB>> for Replies<B> {
+    type Response = Response<B>;
+    type Error = io::Error;
+    type Future = Ready<Result<Response<B>, io::Error>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), io::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let attempt = req
+            .headers()
+            .get("x-retry-count")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let (status, body) = (self.reply)(attempt);
+        let mut res = Response::new(body);
+        *res.status_mut() = StatusCode::from_u16(status).unwrap();
+        ready(Ok(res))
+    }
+}
