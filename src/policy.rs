@@ -264,7 +264,9 @@ impl RetryPolicyBuilder {
     }
 }
 
-/// A [`RetryPolicy`] that cannot be built: which setting, and what is wrong with it.
+/// A setting that cannot work, named when what it configures is built: a [`RetryPolicy`],
+/// a retry ratio or in-flight cap, a server layer or store (there also named
+/// `server::ConfigError`). Which setting, and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyError {
     what: &'static str,

@@ -16,13 +16,19 @@ use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use tower::{Layer, Service, ServiceBuilder, ServiceExt};
 use tower_retry_guard::budget::{
-    BudgetStore, Budgets, Cost, Draw, Grant, LlmCost, MemoryStore, Scope, Settle, StoreError,
-    UsageBody,
+    BudgetStore, Budgets, Cost, Draw, Grant, LlmCost, MemoryStore, Scope, StoreError, UsageBody,
 };
 use tower_retry_guard::request::CloneBody;
 use tower_retry_guard::{CallOutcome, RetryInfo, RetryLayer, RetryPolicy, StopReason};
 
 use common::{Chunks, Replies, ms, secs, send};
+
+/// Which way a settlement went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settle {
+    Refund,
+    Charge,
+}
 
 /// One settled draw: scope, key, amount, which way.
 type Settled = (Scope, String, u64, Settle);
@@ -62,14 +68,27 @@ impl<S: BudgetStore> BudgetStore for Recording<S> {
         self.inner.draw(draws)
     }
 
+    fn refund(&self, draws: &[Draw]) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.settle(draws, Settle::Refund)
+    }
+
+    fn charge(&self, draws: &[Draw]) -> impl Future<Output = Result<(), StoreError>> + Send {
+        self.settle(draws, Settle::Charge)
+    }
+}
+
+impl<S: BudgetStore> Recording<S> {
     fn settle(
         &self,
         draws: &[Draw],
         how: Settle,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
+    ) -> impl Future<Output = Result<(), StoreError>> + Send + use<S> {
         let (inner, log, draws) = (self.inner.clone(), self.settled.clone(), draws.to_vec());
         async move {
-            BudgetStore::settle(&inner, &draws, how).await?;
+            match how {
+                Settle::Refund => inner.refund(&draws).await?,
+                Settle::Charge => inner.charge(&draws).await?,
+            }
             log.lock().unwrap().extend(
                 draws
                     .iter()

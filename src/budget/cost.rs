@@ -37,15 +37,6 @@ use super::{Budgets, Draw, Limit, Scope, StoreError, budget_key};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct Cost(pub u64);
 
-/// Which way a settlement goes ([`BudgetStore::settle`](super::BudgetStore::settle)).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Settle {
-    /// The retries cost less than was drawn: give the difference back.
-    Refund,
-    /// They cost more: charge the difference, past the limit if need be.
-    Charge,
-}
-
 impl Budgets {
     /// Retries of one task (its id as for [`Budgets::per_task`]) may spend at most `max`
     /// units of cost; the sum is forgotten `ttl` after the task's last retry. Off by
@@ -123,10 +114,11 @@ impl Budgets {
         reserved: u64,
         actual: u64,
     ) -> Result<(), StoreError> {
-        let (how, amount) = match actual.cmp(&reserved) {
+        // `true`: a refund of the difference; `false`: a charge of it.
+        let (refund, amount) = match actual.cmp(&reserved) {
             std::cmp::Ordering::Equal => return Ok(()),
-            std::cmp::Ordering::Less => (Settle::Refund, reserved - actual),
-            std::cmp::Ordering::Greater => (Settle::Charge, actual - reserved),
+            std::cmp::Ordering::Less => (true, reserved - actual),
+            std::cmp::Ordering::Greater => (false, actual - reserved),
         };
         let mut draws = self.draws(
             task.map(str::to_owned),
@@ -138,7 +130,7 @@ impl Budgets {
             return Ok(());
         }
         let timeout = self.store_timeout;
-        match tokio::time::timeout(timeout, self.store.settle(draws, how)).await {
+        match tokio::time::timeout(timeout, self.store.settle(draws, refund)).await {
             Ok(answer) => answer,
             Err(_) => Err(StoreError::new(format!(
                 "no answer to a cost settlement within {timeout:?}"

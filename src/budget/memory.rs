@@ -56,7 +56,7 @@ use dashmap::DashMap;
 use tokio::time::Instant;
 
 use super::slot::{Refusal, Slot, charge, give_back, nanos, take};
-use super::{BudgetStore, Draw, Grant, Scope, Settle, StoreError};
+use super::{BudgetStore, Draw, Grant, Scope, StoreError};
 
 /// The map is split into this many DashMaps, swept one at a time.
 pub(crate) const PARTITIONS: usize = 32;
@@ -312,20 +312,22 @@ impl BudgetStore for MemoryStore {
         Ok(Grant::Granted)
     }
 
-    async fn settle(&self, draws: &[Draw], how: Settle) -> Result<(), StoreError> {
+    async fn refund(&self, draws: &[Draw]) -> Result<(), StoreError> {
+        for d in draws.iter().filter(|d| d.limit.is_cost()) {
+            self.give_back_one(self.key(d.scope, &d.key), d);
+        }
+        Ok(())
+    }
+
+    async fn charge(&self, draws: &[Draw]) -> Result<(), StoreError> {
         let now = self.now();
         for d in draws.iter().filter(|d| d.limit.is_cost()) {
             let key = self.key(d.scope, &d.key);
-            match how {
-                Settle::Refund => self.give_back_one(key, d),
-                Settle::Charge => {
-                    let entry = self
-                        .part(key)
-                        .entry(key)
-                        .or_insert_with(|| Mutex::new(Slot::EMPTY));
-                    charge(&mut lock(&entry), d.limit, d.amount, now);
-                }
-            }
+            let entry = self
+                .part(key)
+                .entry(key)
+                .or_insert_with(|| Mutex::new(Slot::EMPTY));
+            charge(&mut lock(&entry), d.limit, d.amount, now);
         }
         Ok(())
     }

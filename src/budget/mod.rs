@@ -39,8 +39,8 @@ mod ring;
 mod slot;
 mod usage_body;
 
+pub use self::cost::Cost;
 use self::cost::describe_denial;
-pub use self::cost::{Cost, Settle};
 pub(crate) use self::cost::{bucket, left_in_bucket};
 pub use self::draw::{Draw, Grant, Limit, Scope};
 pub(crate) use self::ids::budget_key;
@@ -72,17 +72,20 @@ pub trait BudgetStore: Clone + Send + Sync + 'static {
     /// first refusing scope is returned. One call is one round trip for a remote store.
     fn draw(&self, draws: &[Draw]) -> impl Future<Output = Result<Grant, StoreError>> + Send;
 
-    /// Settles cost draws granted earlier ([`Budgets::settle`]): [`Settle::Refund`] gives
-    /// each draw's amount back, [`Settle::Charge`] takes it on top, past the limit if need
-    /// be (it was spent). Only [`Limit::Cost`] and [`Limit::CostRate`] draws are settled;
-    /// each key on its own (an adjustment, not a decision). The default says the store
-    /// cannot settle.
-    fn settle(
-        &self,
-        draws: &[Draw],
-        how: Settle,
-    ) -> impl Future<Output = Result<(), StoreError>> + Send {
-        let _ = (draws, how);
+    /// Gives back each cost draw's amount, granted earlier: the retries cost less than was
+    /// reserved ([`Budgets::settle`]). Only [`Limit::Cost`] and [`Limit::CostRate`] draws
+    /// are settled; each key on its own (an adjustment, not a decision). The default says
+    /// the store cannot settle.
+    fn refund(&self, draws: &[Draw]) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = draws;
+        async { Err(StoreError::new("this budget store cannot settle costs")) }
+    }
+
+    /// Takes each cost draw's amount on top of what was granted, past the limit if need be
+    /// (it was spent): the retries cost more than was reserved ([`Budgets::settle`]). As
+    /// [`BudgetStore::refund`] otherwise.
+    fn charge(&self, draws: &[Draw]) -> impl Future<Output = Result<(), StoreError>> + Send {
+        let _ = draws;
         async { Err(StoreError::new("this budget store cannot settle costs")) }
     }
 }
@@ -93,7 +96,8 @@ type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 /// boxed future is paid only after a failure.
 trait DynStore: Send + Sync + 'static {
     fn draw(&self, draws: Vec<Draw>) -> BoxFuture<Result<Grant, StoreError>>;
-    fn settle(&self, draws: Vec<Draw>, how: Settle) -> BoxFuture<Result<(), StoreError>>;
+    /// `refund`: [`BudgetStore::refund`], else [`BudgetStore::charge`].
+    fn settle(&self, draws: Vec<Draw>, refund: bool) -> BoxFuture<Result<(), StoreError>>;
 }
 
 impl<S: BudgetStore> DynStore for S {
@@ -102,9 +106,15 @@ impl<S: BudgetStore> DynStore for S {
         Box::pin(async move { store.draw(&draws).await })
     }
 
-    fn settle(&self, draws: Vec<Draw>, how: Settle) -> BoxFuture<Result<(), StoreError>> {
+    fn settle(&self, draws: Vec<Draw>, refund: bool) -> BoxFuture<Result<(), StoreError>> {
         let store = self.clone();
-        Box::pin(async move { BudgetStore::settle(&store, &draws, how).await })
+        Box::pin(async move {
+            if refund {
+                store.refund(&draws).await
+            } else {
+                store.charge(&draws).await
+            }
+        })
     }
 }
 

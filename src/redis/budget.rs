@@ -7,7 +7,7 @@ use std::time::Duration;
 use ::redis::{Script, Value};
 
 use super::{RedisStore, micros, millis, store_error};
-use crate::budget::{BudgetStore, Draw, Grant, Limit, Settle, bucket, left_in_bucket};
+use crate::budget::{BudgetStore, Draw, Grant, Limit, bucket, left_in_bucket};
 use crate::store::StoreError;
 
 /// The longest GCRA emission interval, in µs (about 31 years: "never refills").
@@ -355,16 +355,23 @@ impl BudgetStore for RedisStore {
         parse_grant(&value, draws)
     }
 
-    async fn settle(&self, draws: &[Draw], how: Settle) -> Result<(), StoreError> {
+    async fn refund(&self, draws: &[Draw]) -> Result<(), StoreError> {
+        self.settle(draws, "budget refund", &REFUND).await
+    }
+
+    async fn charge(&self, draws: &[Draw]) -> Result<(), StoreError> {
+        self.settle(draws, "budget charge", &CHARGE).await
+    }
+}
+
+impl RedisStore {
+    /// Runs a settlement script over the cost draws, one call per slot.
+    async fn settle(&self, draws: &[Draw], what: &str, script: &Script) -> Result<(), StoreError> {
         let draws: Vec<Draw> = draws
             .iter()
             .filter(|d| d.limit.is_cost())
             .cloned()
             .collect();
-        let (what, script) = match how {
-            Settle::Refund => ("budget refund", &*REFUND),
-            Settle::Charge => ("budget charge", &*CHARGE),
-        };
         let groups = self.groups(&draws);
         let answers = join_all(
             groups

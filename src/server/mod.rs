@@ -92,6 +92,7 @@ mod memory;
 mod store;
 
 pub use self::body::IdempotencyBody;
+#[doc(no_inline)]
 pub use self::config::ConfigError;
 pub use self::dedupe::{Dedupe, DedupeError, DedupeFuture, DedupeLayer, KeyFn, ScopeFn};
 pub use self::idempotency::{

@@ -604,7 +604,6 @@ pub async fn cost_race_suite<S: BudgetStore>(s: S, seed: u64) {
 
 /// Settling cost draws: a refund makes room, a charge goes past the limit.
 pub async fn settle_suite<S: BudgetStore>(s: S) {
-    use tower_retry_guard::budget::Settle;
     let task = |amount| Draw {
         amount,
         ..d(
@@ -631,12 +630,12 @@ pub async fn settle_suite<S: BudgetStore>(s: S) {
         assert_eq!(s.draw(&[of(600)]).await, Ok(Grant::Granted), "{what}");
         assert_eq!(left(s.draw(&[of(max)]).await), Some(max - 600), "{what}");
         // Reserved 600, cost 200: 400 back.
-        assert_eq!(s.settle(&[of(400)], Settle::Refund).await, Ok(()), "{what}");
+        assert_eq!(s.refund(&[of(400)]).await, Ok(()), "{what}");
         assert_eq!(s.draw(&[of(max - 200)]).await, Ok(Grant::Granted), "{what}");
         assert_eq!(left(s.draw(&[of(1)]).await), Some(0), "{what}");
         // Cost more than reserved: charged past the limit, and given back exactly.
-        assert_eq!(s.settle(&[of(300)], Settle::Charge).await, Ok(()), "{what}");
-        assert_eq!(s.settle(&[of(500)], Settle::Refund).await, Ok(()), "{what}");
+        assert_eq!(s.charge(&[of(300)]).await, Ok(()), "{what}");
+        assert_eq!(s.refund(&[of(500)]).await, Ok(()), "{what}");
         assert_eq!(left(s.draw(&[of(201)]).await), Some(200), "{what}");
         assert_eq!(s.draw(&[of(200)]).await, Ok(Grant::Granted), "{what}");
     }

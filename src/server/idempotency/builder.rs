@@ -150,8 +150,13 @@ impl<St> IdempotencyLayerBuilder<St> {
     /// The layer, or the first setting that cannot work.
     pub fn build(self) -> Result<IdempotencyLayer<St>, ConfigError> {
         let c = &self.config;
-        let err =
-            |setting, problem: &str| Err(ConfigError::new("idempotency layer", setting, problem));
+        let err = |setting, problem: &str| {
+            Err(ConfigError::new(
+                "idempotency layer",
+                setting,
+                problem.to_owned(),
+            ))
+        };
         if c.lease < MIN_LEASE {
             return err(
                 "lease",

@@ -44,7 +44,13 @@ impl MemoryIdempotencyStoreBuilder {
     /// The store, or the first bad setting.
     pub fn build(self) -> Result<MemoryIdempotencyStore, ConfigError> {
         let l = self.limits;
-        let err = |setting, problem: &str| Err(ConfigError::new("memory store", setting, problem));
+        let err = |setting, problem: &str| {
+            Err(ConfigError::new(
+                "memory store",
+                setting,
+                problem.to_owned(),
+            ))
+        };
         if l.max_entries == 0 || l.max_bytes == 0 {
             return err("max_total", "must allow at least one entry and one byte");
         }
