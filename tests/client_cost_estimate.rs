@@ -303,7 +303,8 @@ async fn streamed_usage_settles_for_the_task_and_user_that_reserved() {
             .await
             .unwrap();
         let info = info(&res);
-        // Two retries reserved; the last one is what the stream settles.
+        // Two retries reserved; the first, refused (529), was given back whole; the last
+        // one is what the stream settles.
         assert_eq!(
             (info.retries, info.retry_cost, info.reserved()),
             (2, 2 * estimate, estimate)
@@ -313,6 +314,18 @@ async fn streamed_usage_settles_for_the_task_and_user_that_reserved() {
         assert_eq!(
             store.settled(),
             vec![
+                (
+                    Scope::TaskCost,
+                    "task-7".to_owned(),
+                    estimate,
+                    Settle::Refund
+                ),
+                (
+                    Scope::UserCost,
+                    "alice".to_owned(),
+                    estimate,
+                    Settle::Refund
+                ),
                 (
                     Scope::TaskCost,
                     "task-7".to_owned(),
@@ -683,4 +696,110 @@ async fn a_real_client_and_server_reserve_from_a_full_body_and_settle_from_the_s
             Settle::Refund
         )]
     );
+}
+
+/// A retry the provider refuses (429, 503/529, 409, another 4xx) ran nothing, so it spent
+/// nothing: its reservation goes back. A retry that may have run (a 504 timeout, a 500)
+/// keeps it.
+#[tokio::test(start_paused = true)]
+async fn a_refused_retry_gives_its_reservation_back_and_one_that_may_have_run_keeps_it() {
+    // Each attempt costs 400; the task may spend 1,000 on retries.
+    let budgets = || {
+        Budgets::none()
+            .store(MemoryStore::new())
+            .task_cost(1_000, secs(3600))
+    };
+    let costly = |task: &str| {
+        let mut req = chat(task, None, "{}");
+        req.extensions_mut().insert(Cost(400));
+        req
+    };
+    for (status, refunded) in [
+        (429, true),
+        (503, true),
+        (529, true),
+        (409, true),
+        (504, false),
+        (500, false),
+    ] {
+        let budgets = budgets();
+        // The first call: a failure, a retry refused with `status`, a retry that succeeds.
+        let mut svc = RetryLayer::new()
+            .policy(policy(3))
+            .budgets(budgets.clone())
+            .layer(Replies::new(move |attempt| match attempt {
+                0 => (503, String::new()),
+                1 => (status, String::new()),
+                _ => (200, String::new()),
+            }));
+        let res = send(&mut svc, costly("t")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{status}");
+        let first = info(&res);
+        assert_eq!(first.retries, 2, "{status}");
+        assert_eq!(
+            first.reserved(),
+            400,
+            "{status}: the last retry's reservation"
+        );
+        settled().await;
+
+        // A second call of the task retries twice more: 800 on top. Within the 1,000 only
+        // if the refused retry's 400 came back (1,000 - 400 for the first call's success).
+        let mut again = RetryLayer::new()
+            .policy(policy(2))
+            .budgets(budgets)
+            .layer(Replies::new(|attempt| match attempt {
+                0 | 1 => (503, String::new()),
+                _ => (200, String::new()),
+            }));
+        let res = send(&mut again, costly("t")).await.unwrap();
+        let second = info(&res);
+        if refunded {
+            // The first call keeps 400 (its successful retry); this one's first retry (a
+            // 503, a refusal) is refunded before its second is drawn: 800 at most.
+            assert_eq!(res.status(), StatusCode::OK, "{status}: {second:?}");
+            assert_eq!(second.retries, 2, "{status}");
+        } else {
+            // The first call keeps 800 (the retry that may have run, and the successful
+            // one): the second call's second retry does not fit.
+            assert_eq!(
+                budget_stop(&second),
+                Some(Scope::TaskCost),
+                "{status}: {second:?}"
+            );
+        }
+    }
+}
+
+/// A refused retry that ends the call gives its reservation back too, and a caller's
+/// settlement from the `RetryInfo` cannot give it back twice.
+#[tokio::test(start_paused = true)]
+async fn a_call_that_ends_on_a_refused_retry_is_not_refunded_twice() {
+    let store = Recording::over(MemoryStore::new());
+    let budgets = Budgets::none()
+        .store(store.clone())
+        .task_cost(10_000, secs(3600));
+    let mut svc = RetryLayer::new()
+        .policy(policy(1))
+        .budgets(budgets.clone())
+        .layer(Replies::new(|_| (429, String::new())));
+    let mut req = chat("t", Some("u"), "{}");
+    req.extensions_mut().insert(Cost(700));
+    let res = send(&mut svc, req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let info = info(&res);
+    assert_eq!(info.retries, 1);
+    settled().await;
+    assert_eq!(
+        store.settled(),
+        vec![(Scope::TaskCost, "t".to_owned(), 700, Settle::Refund)]
+    );
+    // Nothing left to settle from the info: the caller's settlement is a no-op.
+    assert_eq!(info.reserved(), 0);
+    budgets
+        .settle(info.task(), info.user(), info.reserved(), 0)
+        .await
+        .unwrap();
+    settled().await;
+    assert_eq!(store.settled().len(), 1);
 }

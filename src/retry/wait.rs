@@ -78,6 +78,7 @@ where
     call.attempt_span = tracing::Span::none();
     if call.in_retry() {
         config.budgets.on_retry_result(false);
+        refund_rejected(config, &mut call, &outcome);
     }
     // The attempt answered: its retry slot (if it was a retry) is free.
     call.failed(&config.policy).slot = None;
@@ -138,6 +139,54 @@ where
         reservation,
         step,
     }))
+}
+
+/// A retry the provider refused without running it (429, quota, 503/529 overload, 409,
+/// another 4xx) spent nothing: its cost reservation goes back to the cost budgets. The
+/// refund is started before the next retry's draw (a store that answers at once, as the
+/// memory store does, has it done by then; a remote store gets it first on its
+/// connection), and finishes in the background: the call does not wait for it. A retry
+/// that may have run (a 5xx, a timeout, a lost connection, an unusable output) keeps its
+/// reservation: the safe side. The reservation is taken out of the call, so that
+/// `RetryInfo::reserved` no longer offers it for a settlement.
+fn refund_rejected<Req, C, H>(config: &Config<C, H>, call: &mut Call<Req>, outcome: &Outcome) {
+    let rejected = matches!(
+        outcome.kind(),
+        Some(
+            ErrorKind::RateLimited
+                | ErrorKind::QuotaExhausted
+                | ErrorKind::Overloaded
+                | ErrorKind::Conflict
+                | ErrorKind::ClientError
+        )
+    );
+    if !rejected {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let Some(reservation) = call.retried.as_mut().and_then(|r| r.reservation.take()) else {
+        return;
+    };
+    let budgets = config.budgets.clone();
+    let mut refund = Box::pin(async move {
+        let Reservation { cost, task, user } = *reservation;
+        if let Err(e) = budgets
+            .settle(task.as_deref(), user.as_deref(), cost, 0)
+            .await
+        {
+            tracing::debug!(target: "tower_retry_guard", error = %e, "refund of a refused retry's cost failed");
+        }
+    });
+    // Polled once here, so it goes before the next draw; the rest (if any) in a task.
+    if refund
+        .as_mut()
+        .poll(&mut Context::from_waker(std::task::Waker::noop()))
+        .is_pending()
+    {
+        runtime.spawn(refund);
+    }
 }
 
 /// The cost of the next attempt: the request's own (its `Cost` extension), else the
