@@ -1,10 +1,8 @@
 //! Budgets that bound what retries cost, not only how many there are.
 //!
 //! One agent task sends 200 LLM calls of mixed prompt sizes (most short, some of 50k-200k
-//! tokens) to a provider that fails 40% of attempts with a 500 (seeded: the same numbers
-//! on every run), an error after the model ran, so each failed attempt may be billed and
-//! keeps what it reserved (a 429 or 503, refused before anything ran, would give it back).
-//! The task's retries are budgeted three ways:
+//! tokens) to a provider that fails 40% of attempts with a 503 (seeded: the same numbers
+//! on every run). The task's retries are budgeted twice:
 //!
 //! - by count only: at most 60 retries for the task. A retry of a 200k-token prompt counts
 //!   as one, like a retry of a 500-token one;
@@ -109,7 +107,7 @@ fn run(
             async move {
                 let mut res = Response::new(String::new());
                 if fail {
-                    *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
                 } else {
                     *res.body_mut() = format!(
                         r#"{{"model":"gpt-x","usage":{{"prompt_tokens":{prompt},"completion_tokens":{completion}}}}}"#

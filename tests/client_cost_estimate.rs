@@ -303,8 +303,8 @@ async fn streamed_usage_settles_for_the_task_and_user_that_reserved() {
             .await
             .unwrap();
         let info = info(&res);
-        // Two retries reserved; the first, refused (529), was given back whole; the last
-        // one is what the stream settles.
+        // Two retries reserved; the last one is what the stream settles (refused retries
+        // keep their reservation: `refund_refused` is off).
         assert_eq!(
             (info.retries, info.retry_cost, info.reserved()),
             (2, 2 * estimate, estimate)
@@ -314,18 +314,6 @@ async fn streamed_usage_settles_for_the_task_and_user_that_reserved() {
         assert_eq!(
             store.settled(),
             vec![
-                (
-                    Scope::TaskCost,
-                    "task-7".to_owned(),
-                    estimate,
-                    Settle::Refund
-                ),
-                (
-                    Scope::UserCost,
-                    "alice".to_owned(),
-                    estimate,
-                    Settle::Refund
-                ),
                 (
                     Scope::TaskCost,
                     "task-7".to_owned(),
@@ -708,6 +696,7 @@ async fn a_refused_retry_gives_its_reservation_back_and_one_that_may_have_run_ke
         Budgets::none()
             .store(MemoryStore::new())
             .task_cost(1_000, secs(3600))
+            .refund_refused(true)
     };
     let costly = |task: &str| {
         let mut req = chat(task, None, "{}");
@@ -778,7 +767,8 @@ async fn a_call_that_ends_on_a_refused_retry_is_not_refunded_twice() {
     let store = Recording::over(MemoryStore::new());
     let budgets = Budgets::none()
         .store(store.clone())
-        .task_cost(10_000, secs(3600));
+        .task_cost(10_000, secs(3600))
+        .refund_refused(true);
     let mut svc = RetryLayer::new()
         .policy(policy(1))
         .budgets(budgets.clone())
@@ -802,4 +792,28 @@ async fn a_call_that_ends_on_a_refused_retry_is_not_refunded_twice() {
         .unwrap();
     settled().await;
     assert_eq!(store.settled().len(), 1);
+}
+
+/// Off by default: a refused retry keeps its reservation, so the cost limit bounds every
+/// retry sent.
+#[tokio::test(start_paused = true)]
+async fn refused_retries_keep_their_reservation_by_default() {
+    let store = Recording::over(MemoryStore::new());
+    let budgets = Budgets::none()
+        .store(store.clone())
+        .task_cost(1_000, secs(3600));
+    let mut svc = RetryLayer::new()
+        .policy(policy(3))
+        .budgets(budgets)
+        .layer(Replies::new(|_| (429, String::new())));
+    let mut req = chat("t", None, "{}");
+    req.extensions_mut().insert(Cost(400));
+    let res = send(&mut svc, req).await.unwrap();
+    settled().await;
+    let info = info(&res);
+    // 400 + 400 fit the 1,000; the third retry does not.
+    assert_eq!(info.retries, 2);
+    assert_eq!(budget_stop(&info), Some(Scope::TaskCost));
+    assert_eq!(info.reserved(), 400);
+    assert!(store.settled().is_empty());
 }

@@ -70,6 +70,25 @@ impl Budgets {
         }))
     }
 
+    /// Gives back the cost reservation of a retry the provider refused without running it
+    /// (a 429, out of quota, 503/529, 409 or another 4xx: the providers bill nothing for
+    /// it), before the next retry is drawn; a retry that may have run (a 500, a timeout, a
+    /// lost connection, an unusable output) keeps its reservation. Off by default: the
+    /// cost limits then bound the cost of every retry sent, refused or not.
+    ///
+    /// With it, `RetryInfo::reserved` offers nothing more to settle for a refused last
+    /// retry, and `RetryInfo::retry_cost` and the stats still count what each retry
+    /// reserved when it was sent.
+    pub fn refund_refused(mut self, refund: bool) -> Self {
+        self.refund_refused = refund;
+        self
+    }
+
+    /// Whether refused retries give their cost back ([`Budgets::refund_refused`]).
+    pub(crate) fn refunds_refused(&self) -> bool {
+        self.refund_refused
+    }
+
     /// The per-task cost limit, any [`Limit`] (`None` turns it off). A count or rate limit
     /// here counts retries, as [`Budgets::per_task`] does.
     pub fn task_cost_limit(mut self, limit: Option<Limit>) -> Self {

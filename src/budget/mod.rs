@@ -158,6 +158,7 @@ pub struct Budgets {
     store: Arc<dyn DynStore>,
     on_store_error: OnStoreError,
     store_timeout: Duration,
+    refund_refused: bool,
 }
 
 impl fmt::Debug for Budgets {
@@ -170,6 +171,7 @@ impl fmt::Debug for Budgets {
             .field("ratio", &self.ratio)
             .field("on_store_error", &self.on_store_error)
             .field("store_timeout", &self.store_timeout)
+            .field("refund_refused", &self.refund_refused)
             .finish_non_exhaustive()
     }
 }
@@ -188,6 +190,7 @@ impl Default for Budgets {
             store: Arc::new(MemoryStore::new()),
             on_store_error: OnStoreError::default(),
             store_timeout: Duration::from_millis(250),
+            refund_refused: false,
         }
     }
 }

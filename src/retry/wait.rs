@@ -141,8 +141,9 @@ where
     }))
 }
 
-/// A retry the provider refused without running it (429, quota, 503/529 overload, 409,
-/// another 4xx) spent nothing: its cost reservation goes back to the cost budgets. The
+/// With [`Budgets::refund_refused`](crate::Budgets::refund_refused): a retry the provider
+/// refused without running it (429, quota, 503/529 overload, 409, another 4xx) spent
+/// nothing, so its cost reservation goes back to the cost budgets. The
 /// refund is started before the next retry's draw (a store that answers at once, as the
 /// memory store does, has it done by then; a remote store gets it first on its
 /// connection), and finishes in the background: the call does not wait for it. A retry
@@ -160,7 +161,7 @@ fn refund_rejected<Req, C, H>(config: &Config<C, H>, call: &mut Call<Req>, outco
                 | ErrorKind::ClientError
         )
     );
-    if !rejected {
+    if !rejected || !config.budgets.refunds_refused() {
         return;
     }
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
