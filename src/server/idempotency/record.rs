@@ -1,6 +1,7 @@
 //! Relaying a response to the client as it is produced while recording it for replays, and
 //! writing the result under the claim.
 
+use std::any::Any;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use tokio::time::{Instant, Sleep};
 use super::claim::{LeaseKeeper, release};
 use super::respond::not_replayable;
 use super::{Config, OversizedResponse};
+use crate::server::CatchUnwind;
 use crate::server::body::Relayed;
 use crate::server::memory::MARKER_RESERVE;
 use crate::server::store::{Claim, IdempotencyStore, Ownership, ScopedKey, Stored};
@@ -52,14 +54,17 @@ impl<St: IdempotencyStore> Recorder<St> {
         let exact = body.size_hint().exact();
         // Ends when the body does (or fails); each turn relays one frame.
         loop {
-            let Some(frame) = or_timer(body.frame(), timer.as_mut(), recording.is_some()).await
-            else {
+            // A body that panics is a body that failed: caught here, the client's body ends
+            // in an error (not cleanly, as if the half sent were whole) and the result is
+            // not stored as if it were complete.
+            let polled = CatchUnwind::new(body.frame());
+            let Some(frame) = or_timer(polled, timer.as_mut(), recording.is_some()).await else {
                 recording = None;
                 self.still_running().await;
                 continue;
             };
             // Converted at once: the handler's error type needs not be `Send`.
-            let frame: Option<Relayed> = frame.map(|f| f.map_err(Into::into));
+            let frame = relayed(frame);
             let frame = match frame {
                 None => break,
                 Some(Ok(frame)) => frame,
@@ -230,6 +235,16 @@ impl<St: IdempotencyStore> Recorder<St> {
             wait = (wait * 2).min(cap);
         }
         tracing::error!(key = %self.key.key(), "could not store an idempotent response before its TTL; giving up");
+    }
+}
+
+/// A frame as polled (or the panic that polling it raised), as it is relayed.
+fn relayed<E: Into<BoxError>>(
+    polled: Result<Option<Result<Frame<Bytes>, E>>, Box<dyn Any + Send>>,
+) -> Option<Relayed> {
+    match polled {
+        Ok(frame) => frame.map(|f| f.map_err(Into::into)),
+        Err(_panic) => Some(Err("the response body panicked".into())),
     }
 }
 
