@@ -171,13 +171,34 @@ impl<St: IdempotencyStore> Recorder<St> {
         match self.config.oversized {
             OversizedResponse::ReplayError => {
                 tracing::warn!(key = %self.key.key(), why, "response not stored; retries with this key get a 'not replayable' answer");
-                self.complete(not_replayable(why), None).await;
+                if let Some(marker) = self.write(not_replayable(why)).await {
+                    // The store failed: the marker is written again in a task of its own (the
+                    // claim kept meanwhile), not here, where it would hold the client's
+                    // response until the store is back.
+                    let mut writer = self.detached();
+                    tokio::spawn(async move { writer.write_until_done(marker).await });
+                }
+                self.keeper = None;
             }
             OversizedResponse::Release => {
                 tracing::warn!(key = %self.key.key(), why, "response not stored; key released, a retry will run the request again");
                 self.keeper = None;
                 release(&self.store, &self.key, self.claim.token, &self.config, why).await;
             }
+        }
+    }
+
+    /// A recorder of the same claim that takes over its lease keeper, to write on its own.
+    fn detached(&mut self) -> Self {
+        Recorder {
+            status: self.status,
+            headers: HeaderMap::new(),
+            store: self.store.clone(),
+            key: self.key.clone(),
+            claim: self.claim,
+            config: self.config.clone(),
+            keeper: self.keeper.take(),
+            deadline: self.deadline,
         }
     }
 
