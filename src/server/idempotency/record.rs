@@ -243,7 +243,7 @@ impl<St: IdempotencyStore> Recorder<St> {
 
     /// Writes again with backoff (the lease keeper renews the claim meanwhile), up to the TTL.
     async fn write_until_done(&mut self, mut stored: Stored) {
-        let give_up = Instant::now() + self.config.ttl;
+        let give_up = crate::time::after(Instant::now(), self.config.ttl);
         let cap = (self.config.lease / 3).max(Duration::from_millis(100));
         let mut wait = Duration::from_millis(50);
         // Bounded by the TTL; each turn is one write.
