@@ -1,6 +1,7 @@
 //! An inner service that never becomes ready (a saturated pool, a concurrency limit held by
 //! hung calls): the caller waiting for the layer to be ready is bounded by the policy's
-//! total time too, and gets `Deadline`, not a hang.
+//! total time too, and gets `Deadline`, not a hang; the layer is not broken for good (its
+//! `poll_ready` does not fail, which would fail a `Buffer` in front of it).
 
 use std::future::Future;
 use std::io;
@@ -106,4 +107,22 @@ async fn a_service_ready_in_time_is_called() {
     tokio::time::advance(Duration::from_secs(5)).await;
     svc.ready().await.unwrap().call(get()).await.unwrap();
     assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_service_ready_too_late_refuses_one_call_then_works_again() {
+    let calls = Arc::new(AtomicU32::new(0));
+    let started = Instant::now();
+    let mut svc = layer(Duration::from_secs(2)).layer(SlowToBeReady::new(
+        Some(started + Duration::from_secs(3)),
+        calls.clone(),
+    ));
+    // Not an error from `poll_ready`: the call is refused, nothing sent.
+    let err = svc.ready().await.unwrap().call(get()).await.unwrap_err();
+    assert!(matches!(err.reason(), StopReason::Deadline { .. }), "{err}");
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    let res = svc.ready().await.unwrap().call(get()).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }

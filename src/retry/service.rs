@@ -25,15 +25,18 @@ use crate::request::RetryRequest;
 /// `S` must be `Clone` (as for tower's retry): the ready service takes the first attempt, a
 /// clone the retries, each polled ready first.
 ///
-/// Waiting for `S` to be ready is bounded too: a service still not ready after the policy's
-/// `max_total_time` makes `poll_ready` fail with
-/// [`StopReason::Deadline`](crate::StopReason::Deadline) (nothing was sent).
+/// Waiting for `S` to be ready is bounded too: once `S` has not been ready for the policy's
+/// `max_total_time`, `poll_ready` answers ready and the next call ends at once with
+/// [`StopReason::Deadline`](crate::StopReason::Deadline), nothing sent (as tower's
+/// `LoadShed` does: an error from `poll_ready` would fail a `Buffer` in front for good).
 pub struct Retry<S, C, H> {
     inner: S,
     config: Arc<Config<C, H>>,
     /// Armed (boxed) only once `inner` answers `Pending`: the wait for readiness ends at the
     /// total time.
     not_ready: Option<Pin<Box<Sleep>>>,
+    /// The wait ran out: the next call is refused without reaching `inner`.
+    out_of_time: bool,
 }
 
 impl<S: Clone, C, H> Clone for Retry<S, C, H> {
@@ -42,6 +45,7 @@ impl<S: Clone, C, H> Clone for Retry<S, C, H> {
             inner: self.inner.clone(),
             config: self.config.clone(),
             not_ready: None,
+            out_of_time: false,
         }
     }
 }
@@ -61,6 +65,7 @@ impl<S, C, H> Retry<S, C, H> {
             inner,
             config,
             not_ready: None,
+            out_of_time: false,
         }
     }
 
@@ -94,6 +99,7 @@ where
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         if let Poll::Ready(ready) = self.inner.poll_ready(cx) {
             self.not_ready = None;
+            self.out_of_time = false;
             return Poll::Ready(ready.map_err(|e| {
                 let reason = decide::not_ready();
                 RetryError::new(reason.clone(), RetryInfo::refused(reason), Some(e))
@@ -101,21 +107,25 @@ where
         }
         // A service that never gets ready (a pool or a concurrency limit held by hung calls)
         // must not hold the caller past the total time.
-        let total = self.config.policy.max_total_time();
-        let timer = self
-            .not_ready
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(total)));
-        ready!(timer.as_mut().poll(cx));
-        self.not_ready = None;
-        let reason = decide::deadline(&self.config.policy);
-        Poll::Ready(Err(RetryError::new(
-            reason.clone(),
-            RetryInfo::refused(reason),
-            None,
-        )))
+        if !self.out_of_time {
+            let total = self.config.policy.max_total_time();
+            let timer = self
+                .not_ready
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(total)));
+            ready!(timer.as_mut().poll(cx));
+            self.not_ready = None;
+            self.out_of_time = true;
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, mut request: Req) -> Self::Future {
+        if std::mem::take(&mut self.out_of_time) {
+            // `inner` never got ready within the total time: nothing is sent.
+            let reason = decide::deadline(&self.config.policy);
+            let refusal = Box::new((reason.clone(), RetryInfo::refused(reason)));
+            return ResponseFuture::refused(refusal, self.inner.clone(), self.config.clone());
+        }
         // The ready service takes the first attempt; a clone, polled ready again, the retries.
         match Call::start(&self.config, &mut request) {
             Ok(mut call) => {
