@@ -259,10 +259,11 @@ impl<St: IdempotencyStore> Recorder<St> {
     }
 }
 
+/// What polling the handler's body for a frame gave: the frame, or the panic it raised.
+type Polled<E> = Result<Option<Result<Frame<Bytes>, E>>, Box<dyn Any + Send>>;
+
 /// A frame as polled (or the panic that polling it raised), as it is relayed.
-fn relayed<E: Into<BoxError>>(
-    polled: Result<Option<Result<Frame<Bytes>, E>>, Box<dyn Any + Send>>,
-) -> Option<Relayed> {
+fn relayed<E: Into<BoxError>>(polled: Polled<E>) -> Option<Relayed> {
     match polled {
         Ok(frame) => frame.map(|f| f.map_err(Into::into)),
         Err(_panic) => Some(Err("the response body panicked".into())),
