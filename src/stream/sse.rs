@@ -23,6 +23,8 @@ pub(crate) struct Scanner {
     line: Vec<u8>,
     /// Whether `line` holds a line in progress (possibly empty so far after a `\r`).
     partial: bool,
+    /// The last chunk ended with a `\r`: a `\n` that starts the next one ends the same line.
+    skip_lf: bool,
     event: Vec<u8>,
     data: Vec<u8>,
     has_data: bool,
@@ -38,6 +40,7 @@ impl Scanner {
         Scanner {
             line: Vec::new(),
             partial: false,
+            skip_lf: false,
             event: Vec::new(),
             data: Vec::new(),
             has_data: false,
@@ -48,13 +51,25 @@ impl Scanner {
     }
 
     /// Reads a chunk of the stream. Stops at the first error event (what follows it is not
-    /// looked at).
+    /// looked at). Lines end with CRLF, LF or CR alone (the SSE grammar), a CRLF possibly
+    /// cut between two chunks.
     pub(crate) fn feed(&mut self, mut chunk: &[u8]) {
+        if std::mem::take(&mut self.skip_lf) {
+            chunk = chunk.strip_prefix(b"\n").unwrap_or(chunk);
+        }
         while !chunk.is_empty() && self.error.is_none() {
-            match chunk.iter().position(|&b| b == b'\n') {
+            match chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
                 Some(i) => {
                     let head = &chunk[..i];
-                    chunk = &chunk[i + 1..];
+                    let mut end = i + 1;
+                    if chunk[i] == b'\r' {
+                        match chunk.get(end) {
+                            Some(b'\n') => end += 1,
+                            Some(_) => {}
+                            None => self.skip_lf = true,
+                        }
+                    }
+                    chunk = &chunk[end..];
                     if self.partial {
                         push_capped(&mut self.line, head, LINE_CAP);
                         let line = std::mem::take(&mut self.line);
