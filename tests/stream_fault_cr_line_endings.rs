@@ -1,6 +1,7 @@
-//! Server-sent events may end their lines with CR alone (the SSE grammar allows CRLF, LF
+//! Odd but valid server-sent events. Lines may end with CR alone (the SSE grammar allows CRLF, LF
 //! or CR): such a stream commits at its first content event like any other, instead of
-//! being held (and timed out and retried) as if it had sent nothing.
+//! being held (and timed out and retried) as if it had sent nothing. A chunk whose first key
+//! is `"error": null` is content, not an error event.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -82,4 +83,14 @@ async fn an_error_event_in_a_cr_only_stream_is_seen() {
     .await;
     let e = first.unwrap_err();
     assert!(e.contains("overloaded"), "{e}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_content_event_with_a_null_error_field_is_content() {
+    // Some OpenAI-compatible servers put `"error": null` first in every chunk.
+    let first = first_frame_within_timeout(vec![
+        b"data: {\"error\":null,\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n",
+    ])
+    .await;
+    assert!(first.is_ok(), "{first:?}");
 }

@@ -185,10 +185,11 @@ fn first_key_value<'a>(data: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
 }
 
 /// OpenAI's `{"error": {...}}` and Anthropic's `{"type": "error", ...}`, recognised from the
-/// first key only: a content event that merely mentions an error is content.
+/// first key only: a content event that merely mentions an error is content, and so is one
+/// that says it has none (`{"error": null, "choices": ...}`).
 fn is_error_json(data: &[u8]) -> bool {
     match first_key(data) {
-        Some((b"error", _)) => true,
+        Some((b"error", value)) => !value.starts_with(b"null"),
         Some((b"type", rest)) => json_string(rest).is_some_and(|(v, _)| v == b"error"),
         _ => false,
     }
