@@ -1,7 +1,7 @@
 //! Odd but valid server-sent events. Lines may end with CR alone (the SSE grammar allows CRLF, LF
 //! or CR): such a stream commits at its first content event like any other, instead of
 //! being held (and timed out and retried) as if it had sent nothing. A chunk whose first key
-//! is `"error": null` is content, not an error event.
+//! is `"error": null` is content, not an error event; a leading byte order mark is ignored.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -92,5 +92,13 @@ async fn a_content_event_with_a_null_error_field_is_content() {
         b"data: {\"error\":null,\"choices\":[{\"delta\":{\"content\":\"Hel\"}}]}\n\n",
     ])
     .await;
+    assert!(first.is_ok(), "{first:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leading_byte_order_mark_is_ignored() {
+    // The SSE grammar: one leading U+FEFF is ignored; the event after it is content.
+    let first =
+        first_frame_within_timeout(vec![b"\xEF\xBB\xBFdata: {\"delta\":\"Hel\"}\n\n"]).await;
     assert!(first.is_ok(), "{first:?}");
 }

@@ -25,6 +25,8 @@ pub(crate) struct Scanner {
     partial: bool,
     /// The last chunk ended with a `\r`: a `\n` that starts the next one ends the same line.
     skip_lf: bool,
+    /// Bytes seen yet (a byte order mark is ignored only at the very start).
+    started: bool,
     event: Vec<u8>,
     data: Vec<u8>,
     has_data: bool,
@@ -41,6 +43,7 @@ impl Scanner {
             line: Vec::new(),
             partial: false,
             skip_lf: false,
+            started: false,
             event: Vec::new(),
             data: Vec::new(),
             has_data: false,
@@ -54,6 +57,11 @@ impl Scanner {
     /// looked at). Lines end with CRLF, LF or CR alone (the SSE grammar), a CRLF possibly
     /// cut between two chunks.
     pub(crate) fn feed(&mut self, mut chunk: &[u8]) {
+        if !self.started && !chunk.is_empty() {
+            self.started = true;
+            // One leading U+FEFF is ignored (the SSE grammar).
+            chunk = chunk.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(chunk);
+        }
         if std::mem::take(&mut self.skip_lf) {
             chunk = chunk.strip_prefix(b"\n").unwrap_or(chunk);
         }
