@@ -167,9 +167,11 @@ where
             Some(r) => {
                 let h = r.size_hint();
                 let mut out = SizeHint::new();
-                out.set_lower(h.lower() + prefix);
+                // Saturating: the inner hint is what a server announced (a `Content-Length`
+                // up to `u64::MAX - 2` passes hyper).
+                out.set_lower(h.lower().saturating_add(prefix));
                 if let Some(u) = h.upper() {
-                    out.set_upper(u + prefix);
+                    out.set_upper(u.saturating_add(prefix));
                 }
                 out
             }

@@ -128,6 +128,7 @@ pub mod retry;
 pub mod server;
 mod store;
 pub mod stream;
+mod time;
 
 pub use crate::backoff::{Backoff, Jitter};
 pub use crate::budget::Budgets;

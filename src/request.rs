@@ -214,6 +214,15 @@ impl InvalidKey {
             problem: Cow::Borrowed(problem),
         }
     }
+
+    /// The `on_retry` hook left the retry with another key than the call's (or none it
+    /// could read): the retry is not sent.
+    pub(crate) fn changed_on_retry() -> Self {
+        InvalidKey::new(
+            "the on_retry hook changed the key of the retry; every attempt of a call is sent \
+             with the key of its first attempt",
+        )
+    }
 }
 
 impl fmt::Display for InvalidKey {

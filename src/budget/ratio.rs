@@ -128,9 +128,9 @@ impl RetryRatio {
     }
 
     /// Retries granted in the window and not paid for by successes (`R - credit x S`, in
-    /// whole retries, at least 0).
-    fn unproven(&self, succeeded: u128) -> u64 {
-        let taken = u128::from(self.in_window.load(Ordering::Acquire)) * SCALE;
+    /// whole retries, at least 0), when `taken` retries are in the window.
+    fn unproven(&self, taken: u64, succeeded: u128) -> u64 {
+        let taken = u128::from(taken) * SCALE;
         let paid = self.credit * succeeded;
         u64::try_from(taken.saturating_sub(paid).div_ceil(SCALE)).unwrap_or(u64::MAX)
     }
@@ -139,22 +139,32 @@ impl RetryRatio {
     fn allowance(&self, epoch: u32) -> u128 {
         let calls = u128::from(self.calls.sum(epoch));
         let succeeded = u128::from(self.succeeded.sum(epoch));
+        self.allowance_at(calls, succeeded, self.in_window.load(Ordering::Acquire))
+    }
+
+    /// The allowance for `calls` calls and `succeeded` retries that worked, with `taken`
+    /// retries in the window, in millionths of a retry.
+    fn allowance_at(&self, calls: u128, succeeded: u128, taken: u64) -> u128 {
         let earned = self.ratio * calls + self.credit * succeeded;
         let capped = earned.min(self.max_ratio * calls);
         // Every retry granted and not seen succeeding counts against the floor at once (a
         // retry still in flight too: a burst of grants cannot outrun the failures' news);
         // every retry that succeeded pays one such back.
-        capped.max(self.floor_left(calls, self.unproven(succeeded)))
+        capped.max(self.floor_left(calls, self.unproven(taken, succeeded)))
     }
 
     /// Takes one retry if the window allows it.
     pub(crate) fn try_withdraw(&self) -> bool {
         let epoch = self.epoch();
         self.expire(epoch);
-        let allowance = self.allowance(epoch);
+        let calls = u128::from(self.calls.sum(epoch));
+        let succeeded = u128::from(self.succeeded.sum(epoch));
         let mut taken = self.in_window.load(Ordering::Acquire);
         for _ in 0..MAX_CAS_TURNS {
-            if (u128::from(taken) + 1) * SCALE > allowance {
+            // Decided on the very count the compare-and-swap checks: withdrawals racing on
+            // other threads cannot all pass on one allowance computed before they took
+            // theirs (the floor shrinks with every retry taken).
+            if (u128::from(taken) + 1) * SCALE > self.allowance_at(calls, succeeded, taken) {
                 return false;
             }
             match self.in_window.compare_exchange_weak(
@@ -250,7 +260,7 @@ impl RetryRatio {
              it off with `Budgets::ratio(None)`",
             x(self.allowance(epoch)),
             self.config.floor,
-            self.unproven(u128::from(succeeded)),
+            self.unproven(taken, u128::from(succeeded)),
             (SCALE * SCALE)
                 .checked_div(self.ratio)
                 .map_or(f64::INFINITY, x),

@@ -123,3 +123,30 @@ fn fractions_are_exact() {
     let granted = (0..100).filter(|_| r.try_withdraw()).count();
     assert_eq!(granted, 29);
 }
+
+#[test]
+fn concurrent_withdrawals_never_pass_on_a_stale_allowance() {
+    // Ratio 0.1, floor 12, no call yet: one after the other, 2 retries fit (R + 1 <= 12 -
+    // 10 R). Withdrawals racing on threads must not all pass on the allowance one of them
+    // computed before the others took theirs.
+    use std::sync::{Arc, Barrier};
+    const THREADS: usize = 4;
+    for round in 0..2000 {
+        let r = Arc::new(RetryRatio::new(config(0.1, 12)));
+        let barrier = Arc::new(Barrier::new(THREADS));
+        let handles: Vec<_> = (0..THREADS)
+            .map(|_| {
+                let (r, barrier) = (r.clone(), barrier.clone());
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    usize::from(r.try_withdraw())
+                })
+            })
+            .collect();
+        let granted: usize = handles.into_iter().map(|h| h.join().unwrap_or(0)).sum();
+        assert!(
+            granted <= 2,
+            "round {round}: {granted} retries granted, 2 fit"
+        );
+    }
+}

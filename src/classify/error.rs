@@ -6,10 +6,17 @@ use std::io;
 use super::{AsError, Classify, ErrorKind, Outcome};
 
 pub(crate) fn is_gave_up(err: &(dyn StdError + 'static)) -> bool {
-    // The common shapes of an inner layer's error as seen by an outer one.
-    err.is::<crate::RetryError<Box<dyn StdError + Send + Sync>>>()
+    // The common shapes of an inner layer's error as seen by an outer one (boxed between
+    // them): over the error types `AsError` knows, so that a client's own error (hyper-util,
+    // reqwest) left unmapped inside does not make the outer layer retry again.
+    let known = err.is::<crate::RetryError<Box<dyn StdError + Send + Sync>>>()
         || err.is::<crate::RetryError<io::Error>>()
-        || err.is::<crate::RetryError<tower::timeout::error::Elapsed>>()
+        || err.is::<crate::RetryError<tower::timeout::error::Elapsed>>();
+    #[cfg(feature = "hyper-util")]
+    let known = known || err.is::<crate::RetryError<hyper_util::client::legacy::Error>>();
+    #[cfg(feature = "reqwest")]
+    let known = known || err.is::<crate::RetryError<reqwest::Error>>();
+    known
 }
 
 /// The error classifier: see [`Errors::classify_error`]. Successes (`Ok`) are successes.

@@ -146,9 +146,8 @@ impl Grpc {
             grpc_kind(grpc)
         };
         // The stored result of this very key: every retry with the key gets it again.
-        if headers
-            .get("idempotent-replayed")
-            .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"true"))
+        if super::http::values(headers, "idempotent-replayed")
+            .any(|v| v.eq_ignore_ascii_case(b"true"))
         {
             return Outcome::Fail { kind };
         }

@@ -29,7 +29,10 @@ use crate::observe::RetryInfo;
 /// HTTP-date. A hint past the policy's cap stops the retries however it is written: a number
 /// too large for a `Duration` (`99999999999999999999`) or a date far in the future counts as
 /// too long, never as unreadable. Only a hint that does not parse (negative, not a number,
-/// a date in the past) is ignored: the layer falls back to its backoff.
+/// a date in the past) is ignored: the layer falls back to its backoff. A header sent more
+/// than once (or a list folded into one field) is read whole: the longest hint counts, an
+/// `x-should-retry: false` among the values forbids the retry, an `Idempotent-Replayed:
+/// true` among them marks a replay.
 ///
 /// Transport errors (`Err`) are classified by [`Errors`](crate::classify::Errors). A response that an inner retry
 /// layer of this crate already returned (it carries a [`RetryInfo`]) with a failing status is
@@ -47,22 +50,23 @@ impl LlmHttp {
         // A failure the server replayed from its idempotency store (`Idempotent-Replayed:
         // true`) is the stored result of this very key: every retry with the key gets it
         // again, so retrying it is useless.
-        if headers
-            .get("idempotent-replayed")
-            .is_some_and(|v| v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"true"))
-        {
+        if values(headers, "idempotent-replayed").any(|v| v.eq_ignore_ascii_case(b"true")) {
             return Outcome::Fail { kind };
         }
         // Case and surrounding whitespace do not matter: `TRUE` and `True` (some gateways
-        // and proxies rewrite the value) mean the same as `true`.
-        let verdict = headers
-            .get("x-should-retry")
-            .map(|v| v.as_bytes().trim_ascii());
-        let retry = match verdict {
-            Some(v) if v.eq_ignore_ascii_case(b"true") => true,
-            Some(v) if v.eq_ignore_ascii_case(b"false") => false,
-            _ => is_retryable(status),
-        };
+        // and proxies rewrite the value) mean the same as `true`. Sent more than once, a
+        // `false` anywhere wins: a retry one of them forbids is not made.
+        let mut verdict = None;
+        for v in values(headers, "x-should-retry") {
+            if v.eq_ignore_ascii_case(b"false") {
+                verdict = Some(false);
+                break;
+            }
+            if v.eq_ignore_ascii_case(b"true") {
+                verdict = Some(true);
+            }
+        }
+        let retry = verdict.unwrap_or_else(|| is_retryable(status));
         if retry {
             Outcome::Retry {
                 kind,
@@ -127,16 +131,43 @@ fn kind_of(status: StatusCode) -> ErrorKind {
 
 /// The server's wait hint from `retry-after-ms`, else `Retry-After`; `None` when absent or
 /// unusable.
+///
+/// A hint sent more than once (two header lines, or a list a proxy folded into one field):
+/// the longest wait readable among them, so that no value the server sent is waited less.
 pub(crate) fn retry_hint(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) = headers
-        .get("retry-after-ms")
-        .and_then(|v| LlmHttp::parse_retry_after_ms(v.as_bytes()))
-    {
+    if let Some(ms) = longest(headers, "retry-after-ms", LlmHttp::parse_retry_after_ms) {
         return Some(ms);
     }
+    let now = SystemTime::now();
+    longest(headers, "retry-after", |v| {
+        LlmHttp::parse_retry_after(v, now)
+    })
+}
+
+/// The longest of `name`'s values that `parse` reads: each header line whole (an HTTP-date
+/// has a comma of its own), else each item of its comma-separated list.
+fn longest(
+    headers: &HeaderMap,
+    name: &str,
+    parse: impl Fn(&[u8]) -> Option<Duration>,
+) -> Option<Duration> {
     headers
-        .get(http::header::RETRY_AFTER)
-        .and_then(|v| LlmHttp::parse_retry_after(v.as_bytes(), SystemTime::now()))
+        .get_all(name)
+        .iter()
+        .filter_map(|v| {
+            let v = v.as_bytes();
+            parse(v).or_else(|| v.split(|b| *b == b',').filter_map(&parse).max())
+        })
+        .max()
+}
+
+/// Every value of `name` (each header line, each item of a comma-separated line), trimmed.
+pub(crate) fn values<'a>(headers: &'a HeaderMap, name: &str) -> impl Iterator<Item = &'a [u8]> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
 }
 
 /// A non-negative decimal number times `unit` seconds. Rejects signs, exponents, NaN and

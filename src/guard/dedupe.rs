@@ -230,7 +230,7 @@ impl<St: IdempotencyStore> DedupeFn<St> {
         let key = ScopedKey::new(None, key.clone());
         let fingerprint = Fingerprint::of(&Method::POST, operation, b"");
         let config = self.config;
-        let give_up_at = Instant::now() + config.wait;
+        let give_up_at = crate::time::after(Instant::now(), config.wait);
         let mut pause = Duration::from_millis(50);
         // Bounded by `wait`: each turn either returns or sleeps.
         loop {
@@ -292,7 +292,7 @@ impl<St: IdempotencyStore> DedupeFn<St> {
         // look at the key again.
         let _settle = Settle(&self.settled);
         let config = self.config;
-        let deadline = Instant::now() + config.max_claim_time;
+        let deadline = crate::time::after(Instant::now(), config.max_claim_time);
         let keeper = LeaseKeeper::start(&self.store, &key, claim, deadline);
         let token = claim.token;
         match CatchUnwind::new(async move { f().await }).await {

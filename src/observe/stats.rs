@@ -67,11 +67,29 @@ struct OpStats {
     window: [Bucket; BUCKETS],
 }
 
+/// The longest operation name kept, in bytes: a longer one (a path the model chose, say) is
+/// cut at a character boundary and marked with `…`, so that an operation's entry stays
+/// small whatever its path. It is still found by its full name (entries are keyed by it).
+const MAX_NAME: usize = 256;
+
+fn bounded(mut name: String) -> String {
+    if name.len() > MAX_NAME {
+        let mut cut = MAX_NAME;
+        // Bounded: a UTF-8 character is at most 4 bytes.
+        while !name.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        name.truncate(cut);
+        name.push('…');
+    }
+    name
+}
+
 impl OpStats {
     fn new(name: String) -> Self {
         OpStats {
             overflow: name == OVERFLOW_OPERATION,
-            name: name.into(),
+            name: bounded(name).into(),
             calls: AtomicU64::new(0),
             kinds: Default::default(),
             window: std::array::from_fn(|_| Bucket::default()),
@@ -86,8 +104,9 @@ impl OpStats {
 /// At most [`RetryStats::DEFAULT_MAX_OPERATIONS`] operations are tracked (or the number given to
 /// [`RetryStats::with_max_operations`]); the calls of any further operation are counted
 /// under one name, [`RetryStats::OVERFLOW_OPERATION`], and a warning says so once. Each tracked
-/// operation takes about 3.6 KB, so the stats stay under 4 MB by default, whatever the
-/// number of distinct paths (metric labels are bounded the same way). The default operation
+/// operation takes about 3.6 KB (its name is cut at 256 bytes), so the stats stay under 4 MB
+/// by default, whatever the number and length of distinct paths (metric labels are bounded
+/// the same way). The default operation
 /// name already collapses ids in paths (`GET /v1/batches/{id}`).
 ///
 /// The success path touches one sharded map read and two relaxed atomics of its operation;

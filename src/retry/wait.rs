@@ -19,7 +19,7 @@ use crate::budget::{Acquire, RatioPermit, RetrySlot, Verdict};
 use crate::classify::{Classify, ErrorKind, Outcome};
 use crate::error::RetryError;
 use crate::observe::{Reservation, StopReason};
-use crate::request::RetryRequest;
+use crate::request::{InvalidKey, RetryRequest};
 
 type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
@@ -100,6 +100,7 @@ where
     retried.delay = delay;
     let retry = call.attempts;
     let (mut changed, mut task, mut user, mut cost) = (false, None, None, None);
+    let mut rekeyed = false;
     if let Some(next) = call.next.as_mut() {
         // Stamped now, so that the hook sees what will be sent.
         if let Some(key) = &call.key {
@@ -108,10 +109,27 @@ where
         next.set_attempt(retry, &config.names);
         let context = RetryContext { retry, kind };
         changed = config.change.change(next, &result, &context);
+        // Stamped again: a hook that rebuilt the request (a fallback model) dropped them. A
+        // hook that put another key in (or a second one) is not sent: the key of every
+        // attempt is the call's. (A request type that does not read back the key it was
+        // given answers `None`: nothing to compare.)
+        if let Some(key) = &call.key {
+            next.set_idempotency_key(key, &config.names);
+            rekeyed = match next.idempotency_key(&config.names) {
+                Ok(Some(k)) => k != *key,
+                Ok(None) => false,
+                Err(_) => true,
+            };
+        }
+        next.set_attempt(retry, &config.names);
         task = next.task_id(&config.names);
         user = next.user_id(&config.names);
         // Only now, on the failure path: the success path never asks what a call costs.
         cost = cost_of(config, next);
+    }
+    if rekeyed {
+        let reason = StopReason::InvalidKey(InvalidKey::changed_on_retry());
+        return Answered::Done(stop(config, call, Some(result), kind, reason));
     }
     if let Some(reason) = decide::unchanged(kind, changed) {
         return Answered::Done(stop(config, call, Some(result), kind, reason));

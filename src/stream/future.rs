@@ -50,7 +50,9 @@ pin_project! {
 
 impl<F, R: StreamResponse> ResponseFuture<F, R> {
     pub(crate) fn new(future: F, config: Arc<Config>, recorder: Option<Recorder>) -> Self {
-        let deadline = config.first_token_timeout.map(|t| Instant::now() + t);
+        let deadline = config
+            .first_token_timeout
+            .map(|t| crate::time::after(Instant::now(), t));
         ResponseFuture {
             future,
             called: false,

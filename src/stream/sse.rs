@@ -23,6 +23,10 @@ pub(crate) struct Scanner {
     line: Vec<u8>,
     /// Whether `line` holds a line in progress (possibly empty so far after a `\r`).
     partial: bool,
+    /// The last chunk ended with a `\r`: a `\n` that starts the next one ends the same line.
+    skip_lf: bool,
+    /// Bytes seen yet (a byte order mark is ignored only at the very start).
+    started: bool,
     event: Vec<u8>,
     data: Vec<u8>,
     has_data: bool,
@@ -38,6 +42,8 @@ impl Scanner {
         Scanner {
             line: Vec::new(),
             partial: false,
+            skip_lf: false,
+            started: false,
             event: Vec::new(),
             data: Vec::new(),
             has_data: false,
@@ -48,13 +54,30 @@ impl Scanner {
     }
 
     /// Reads a chunk of the stream. Stops at the first error event (what follows it is not
-    /// looked at).
+    /// looked at). Lines end with CRLF, LF or CR alone (the SSE grammar), a CRLF possibly
+    /// cut between two chunks.
     pub(crate) fn feed(&mut self, mut chunk: &[u8]) {
+        if !self.started && !chunk.is_empty() {
+            self.started = true;
+            // One leading U+FEFF is ignored (the SSE grammar).
+            chunk = chunk.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(chunk);
+        }
+        if std::mem::take(&mut self.skip_lf) {
+            chunk = chunk.strip_prefix(b"\n").unwrap_or(chunk);
+        }
         while !chunk.is_empty() && self.error.is_none() {
-            match chunk.iter().position(|&b| b == b'\n') {
+            match chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
                 Some(i) => {
                     let head = &chunk[..i];
-                    chunk = &chunk[i + 1..];
+                    let mut end = i + 1;
+                    if chunk[i] == b'\r' {
+                        match chunk.get(end) {
+                            Some(b'\n') => end += 1,
+                            Some(_) => {}
+                            None => self.skip_lf = true,
+                        }
+                    }
+                    chunk = &chunk[end..];
                     if self.partial {
                         push_capped(&mut self.line, head, LINE_CAP);
                         let line = std::mem::take(&mut self.line);
@@ -170,10 +193,11 @@ fn first_key_value<'a>(data: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
 }
 
 /// OpenAI's `{"error": {...}}` and Anthropic's `{"type": "error", ...}`, recognised from the
-/// first key only: a content event that merely mentions an error is content.
+/// first key only: a content event that merely mentions an error is content, and so is one
+/// that says it has none (`{"error": null, "choices": ...}`).
 fn is_error_json(data: &[u8]) -> bool {
     match first_key(data) {
-        Some((b"error", _)) => true,
+        Some((b"error", value)) => !value.starts_with(b"null"),
         Some((b"type", rest)) => json_string(rest).is_some_and(|(v, _)| v == b"error"),
         _ => false,
     }

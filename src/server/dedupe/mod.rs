@@ -330,7 +330,7 @@ where
                             if matches!(*slot, Slot::Running { id: i, .. } if i == guard.id) {
                                 *slot = Slot::Done {
                                     result: shared.clone(),
-                                    until: Instant::now() + config.ttl,
+                                    until: crate::time::after(Instant::now(), config.ttl),
                                 };
                                 guard.armed = false;
                             }

@@ -25,7 +25,7 @@ impl LeaseKeeper {
             let every = (lease / 3).max(Duration::from_millis(10));
             let mut next = every;
             // Bounded by `deadline`; each turn is one renewal.
-            while Instant::now() + next < deadline {
+            while crate::time::after(Instant::now(), next) < deadline {
                 tokio::time::sleep(next).await;
                 match store.renew(&key, &claim).await {
                     Ok(Ownership::Held) => next = every,
@@ -77,13 +77,13 @@ pub(crate) fn release_later<St: IdempotencyStore>(
 ) {
     tokio::spawn(async move {
         let step = (lease / 4).max(Duration::from_millis(25));
-        let end = Instant::now() + lease;
+        let end = crate::time::after(Instant::now(), lease);
         // Bounded by one lease; each turn is one release.
         loop {
             if let Err(e) = store.release(&key, token).await {
                 tracing::debug!(key = %key.key(), error = %e, "idempotency release failed; trying again");
             }
-            if Instant::now() + step > end {
+            if crate::time::after(Instant::now(), step) > end {
                 break;
             }
             tokio::time::sleep(step).await;

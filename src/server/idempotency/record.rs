@@ -1,6 +1,7 @@
 //! Relaying a response to the client as it is produced while recording it for replays, and
 //! writing the result under the claim.
 
+use std::any::Any;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use tokio::time::{Instant, Sleep};
 use super::claim::{LeaseKeeper, release};
 use super::respond::not_replayable;
 use super::{Config, OversizedResponse};
+use crate::server::CatchUnwind;
 use crate::server::body::Relayed;
 use crate::server::memory::MARKER_RESERVE;
 use crate::server::store::{Claim, IdempotencyStore, Ownership, ScopedKey, Stored};
@@ -52,14 +54,17 @@ impl<St: IdempotencyStore> Recorder<St> {
         let exact = body.size_hint().exact();
         // Ends when the body does (or fails); each turn relays one frame.
         loop {
-            let Some(frame) = or_timer(body.frame(), timer.as_mut(), recording.is_some()).await
-            else {
+            // A body that panics is a body that failed: caught here, the client's body ends
+            // in an error (not cleanly, as if the half sent were whole) and the result is
+            // not stored as if it were complete.
+            let polled = CatchUnwind::new(body.frame());
+            let Some(frame) = or_timer(polled, timer.as_mut(), recording.is_some()).await else {
                 recording = None;
                 self.still_running().await;
                 continue;
             };
             // Converted at once: the handler's error type needs not be `Send`.
-            let frame: Option<Relayed> = frame.map(|f| f.map_err(Into::into));
+            let frame = relayed(frame);
             let frame = match frame {
                 None => break,
                 Some(Ok(frame)) => frame,
@@ -166,13 +171,34 @@ impl<St: IdempotencyStore> Recorder<St> {
         match self.config.oversized {
             OversizedResponse::ReplayError => {
                 tracing::warn!(key = %self.key.key(), why, "response not stored; retries with this key get a 'not replayable' answer");
-                self.complete(not_replayable(why), None).await;
+                if let Some(marker) = self.write(not_replayable(why)).await {
+                    // The store failed: the marker is written again in a task of its own (the
+                    // claim kept meanwhile), not here, where it would hold the client's
+                    // response until the store is back.
+                    let mut writer = self.detached();
+                    tokio::spawn(async move { writer.write_until_done(marker).await });
+                }
+                self.keeper = None;
             }
             OversizedResponse::Release => {
                 tracing::warn!(key = %self.key.key(), why, "response not stored; key released, a retry will run the request again");
                 self.keeper = None;
                 release(&self.store, &self.key, self.claim.token, &self.config, why).await;
             }
+        }
+    }
+
+    /// A recorder of the same claim that takes over its lease keeper, to write on its own.
+    fn detached(&mut self) -> Self {
+        Recorder {
+            status: self.status,
+            headers: HeaderMap::new(),
+            store: self.store.clone(),
+            key: self.key.clone(),
+            claim: self.claim,
+            config: self.config.clone(),
+            keeper: self.keeper.take(),
+            deadline: self.deadline,
         }
     }
 
@@ -217,7 +243,7 @@ impl<St: IdempotencyStore> Recorder<St> {
 
     /// Writes again with backoff (the lease keeper renews the claim meanwhile), up to the TTL.
     async fn write_until_done(&mut self, mut stored: Stored) {
-        let give_up = Instant::now() + self.config.ttl;
+        let give_up = crate::time::after(Instant::now(), self.config.ttl);
         let cap = (self.config.lease / 3).max(Duration::from_millis(100));
         let mut wait = Duration::from_millis(50);
         // Bounded by the TTL; each turn is one write.
@@ -230,6 +256,17 @@ impl<St: IdempotencyStore> Recorder<St> {
             wait = (wait * 2).min(cap);
         }
         tracing::error!(key = %self.key.key(), "could not store an idempotent response before its TTL; giving up");
+    }
+}
+
+/// What polling the handler's body for a frame gave: the frame, or the panic it raised.
+type Polled<E> = Result<Option<Result<Frame<Bytes>, E>>, Box<dyn Any + Send>>;
+
+/// A frame as polled (or the panic that polling it raised), as it is relayed.
+fn relayed<E: Into<BoxError>>(polled: Polled<E>) -> Option<Relayed> {
+    match polled {
+        Ok(frame) => frame.map(|f| f.map_err(Into::into)),
+        Err(_panic) => Some(Err("the response body panicked".into())),
     }
 }
 

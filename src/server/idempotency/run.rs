@@ -137,7 +137,7 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let deadline = Instant::now() + config.max_claim_time;
+    let deadline = crate::time::after(Instant::now(), config.max_claim_time);
     let keeper = LeaseKeeper::start(&store, &key, claim, deadline);
     let token = claim.token;
     let res = match CatchUnwind::new(inner.call(req)).await {

@@ -19,6 +19,7 @@ use super::store::{
     Begin, Claim, ClaimToken, Fingerprint, IdempotencyStore, Ownership, ScopedKey, Stored,
 };
 use crate::store::StoreError;
+use crate::time::after;
 
 /// Bytes counted for an entry beside its key and stored response: the map slot, the entry
 /// and the principal's `Arc` (an estimate, so the byte budget bounds the real footprint).
@@ -248,8 +249,8 @@ impl IdempotencyStore for MemoryIdempotencyStore {
         let fresh = Entry::InFlight {
             fingerprint: claim.fingerprint,
             token: claim.token,
-            lease_until: now + claim.lease,
-            until: now + claim.keep.max(claim.lease),
+            lease_until: after(now, claim.lease),
+            until: after(now, claim.keep.max(claim.lease)),
             size,
         };
         match inner.map.entry(key.clone()) {
@@ -272,8 +273,8 @@ impl IdempotencyStore for MemoryIdempotencyStore {
                         ..
                     } => Some(if claim.take_over {
                         *token = claim.token;
-                        *lease_until = now + claim.lease;
-                        *until = (*until).max(now + claim.keep.max(claim.lease));
+                        *lease_until = after(now, claim.lease);
+                        *until = (*until).max(after(now, claim.keep.max(claim.lease)));
                         Begin::Claimed
                     } else {
                         Begin::Abandoned
@@ -317,7 +318,7 @@ impl IdempotencyStore for MemoryIdempotencyStore {
             fingerprint: claim.fingerprint,
             token: claim.token,
             stored,
-            until: now + ttl,
+            until: after(now, ttl),
             size,
         };
         match inner.map.entry(key.clone()) {
@@ -369,7 +370,7 @@ impl IdempotencyStore for MemoryIdempotencyStore {
                     until,
                     ..
                 } if *token == claim.token && *until > now => {
-                    *lease_until = now + claim.lease;
+                    *lease_until = after(now, claim.lease);
                     *until = (*until).max(*lease_until);
                     Ok(Ownership::Held)
                 }
@@ -382,8 +383,8 @@ impl IdempotencyStore for MemoryIdempotencyStore {
                 v.insert(Entry::InFlight {
                     fingerprint: claim.fingerprint,
                     token: claim.token,
-                    lease_until: now + claim.lease,
-                    until: now + claim.keep.max(claim.lease),
+                    lease_until: after(now, claim.lease),
+                    until: after(now, claim.keep.max(claim.lease)),
                     size,
                 });
                 Ok(Ownership::Held)
