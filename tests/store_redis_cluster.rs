@@ -96,18 +96,22 @@ async fn racing_decisions_over_two_slots_stay_all_or_nothing() {
             Err(e) => panic!("{e}"),
         }
     }
-    assert_eq!(granted, 3, "the user's limit");
-    // Exactly the three granted decisions were charged to the task: two left.
-    let alone = std::slice::from_ref(&task);
-    assert_eq!(store.draw(alone).await, Ok(Grant::Granted));
-    assert_eq!(store.draw(alone).await, Ok(Grant::Granted));
-    assert!(matches!(
-        store.draw(alone).await,
-        Ok(Grant::Denied {
-            scope: Scope::Task,
-            ..
-        })
-    ));
+    // At most the user's limit. Fewer under a tight race is the protocol's conservative
+    // side: a decision refused in one slot gives back what it took in the other, and a
+    // draw that saw the other slot's key held by such a decision was refused meanwhile.
+    assert!((1..=3).contains(&granted), "{granted} granted");
+    // Exactly the granted decisions were charged, to the task and to the user: the
+    // refused ones gave everything back.
+    for (draw, limit, scope) in [(&task, 5, Scope::Task), (&user, 3, Scope::User)] {
+        let alone = std::slice::from_ref(draw);
+        for _ in granted..limit {
+            assert_eq!(store.draw(alone).await, Ok(Grant::Granted), "{scope:?}");
+        }
+        assert!(
+            matches!(store.draw(alone).await, Ok(Grant::Denied { scope: s, .. }) if s == scope),
+            "{scope:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -271,14 +275,20 @@ const KEYS: usize = 80;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_killed_mid_run_runs_no_handler_twice_and_overdraws_no_budget() {
-    let mut cluster = RedisCluster::start(3, 1);
+    // Two replicas a master: the promoted one still has a replica to wait for.
+    let mut cluster = RedisCluster::start(3, 2);
     let timeout = Duration::from_millis(250);
     let store = cluster.store("failover:").timeout(timeout);
     eventually(100, || store.ping()).await;
 
     // Provider side: keyed POSTs over real HTTP, each client retrying until it has a 201.
+    // Claims and results count once a replica holds them (`WAIT`): none is lost with the
+    // killed master, so no handler runs twice (without it, one in a few runs did).
     let effects: Effects = Arc::default();
-    let addr = serve(store.clone(), effects.clone()).await;
+    let provider = store
+        .clone()
+        .wait_for_replicas(1, Duration::from_millis(100));
+    let addr = serve(provider, effects.clone()).await;
     let client = Client::builder(TokioExecutor::new()).build_http();
     // 80 keys, each sent by two clients at once (a retry racing its original), one key
     // every 40 ms: before, during and after the gap.
@@ -353,7 +363,8 @@ async fn a_master_killed_mid_run_runs_no_handler_twice_and_overdraws_no_budget()
         .iter()
         .find(|&&m| !RedisCluster::keys(m, "failover:i:*").is_empty())
         .expect("a master holding claims");
-    let replica = cluster.replica_of(victim).expect("the victim's replica");
+    let replicas = cluster.replicas_of(victim);
+    assert_eq!(replicas.len(), 2, "the victim's replicas");
     let other = *masters
         .iter()
         .find(|&&m| m != victim)
@@ -373,9 +384,9 @@ async fn a_master_killed_mid_run_runs_no_handler_twice_and_overdraws_no_budget()
 
     let promoted = tokio::task::spawn_blocking(move || {
         while killed.elapsed() < Duration::from_secs(20) {
-            if redis_support::cluster::cli(replica, &["ROLE"])
-                .is_some_and(|r| r.starts_with("master"))
-            {
+            if replicas.iter().any(|&r| {
+                redis_support::cluster::cli(r, &["ROLE"]).is_some_and(|r| r.starts_with("master"))
+            }) {
                 return killed.elapsed();
             }
             std::thread::sleep(Duration::from_millis(20));

@@ -224,22 +224,33 @@ impl RedisCluster {
             .collect()
     }
 
-    /// The replica (port) of the master on `port`, from `CLUSTER NODES`.
+    /// A replica (port) of the master on `port`, from `CLUSTER NODES`.
     pub fn replica_of(&self, master: u16) -> Option<u16> {
-        let nodes = cli(master, &["CLUSTER", "NODES"])?;
-        let id = nodes
+        self.replicas_of(master).first().copied()
+    }
+
+    /// Every replica (port) of the master on `port`, from `CLUSTER NODES`.
+    pub fn replicas_of(&self, master: u16) -> Vec<u16> {
+        let Some(nodes) = cli(master, &["CLUSTER", "NODES"]) else {
+            return Vec::new();
+        };
+        let Some(id) = nodes
             .lines()
-            .find(|l| l.contains("myself"))?
-            .split(' ')
-            .next()?
-            .to_owned();
-        nodes.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let addr = f.get(1)?;
-            (f.get(3) == Some(&id.as_str()))
-                .then(|| addr.split(['@', ':']).nth(1)?.parse().ok())
-                .flatten()
-        })
+            .find(|l| l.contains("myself"))
+            .and_then(|l| l.split(' ').next())
+        else {
+            return Vec::new();
+        };
+        nodes
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                let addr = f.get(1)?;
+                (f.get(3) == Some(&id))
+                    .then(|| addr.split(['@', ':']).nth(1)?.parse().ok())
+                    .flatten()
+            })
+            .collect()
     }
 
     /// The port of the master serving `slot`, from `CLUSTER NODES` as `via` sees it.
